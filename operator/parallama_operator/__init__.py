@@ -1,0 +1,1 @@
+"""parallama's Kubernetes operator (kopf)."""

@@ -1,0 +1,153 @@
+"""llama.cpp's log, captured and read for the buffer sizes it reports.
+
+llama.cpp prints what it allocates while it loads a model and creates a context::
+
+    load_tensors:   CPU_Mapped model buffer size =     4.85 MiB
+    llama_kv_cache:        CPU KV buffer size =    16.00 MiB
+    llama_kv_cache: size =   16.00 MiB (  2048 cells,   4 layers,  4/4 seqs), K (f16): ...
+    sched_reserve:        CPU compute buffer size =    39.01 MiB
+
+These reports are the "measured" side of planned-versus-measured memory: they are what the
+allocator really reserved, per buffer type (``CPU``, ``CUDA0``, ``CUDA_Host``...). Sizes are printed
+in MiB with two decimals, so a reported value is exact to +-0.005 MiB.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BufferReport", "LlamaLogCapture", "parse_buffer_reports"]
+
+MiB = 1024 * 1024
+
+_BUFFER_LINE = re.compile(
+    r"^(?P<func>\w+):\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[0-9.]+) MiB"
+)
+_KV_SUMMARY = re.compile(
+    r"^llama_kv_cache: size =\s+(?P<mib>[0-9.]+) MiB \(\s*(?P<cells>\d+) cells,\s+(?P<layers>\d+) layers,"
+    r"\s+(?P<used>\d+)/(?P<seqs>\d+) seqs\), K \((?P<type_k>\w+)\):\s+(?P<k_mib>[0-9.]+) MiB, "
+    r"V \((?P<type_v>\w+)\):\s+(?P<v_mib>[0-9.]+) MiB"
+)
+_COMPONENTS = {"model": "weights", "KV": "kv_cache", "compute": "compute", "output": "output"}
+
+
+@dataclass(frozen=True)
+class BufferReport:
+    """One buffer llama.cpp reported: component (weights, kv_cache, compute, output), device, MiB."""
+
+    component: str
+    device: str
+    mib: float
+
+    @property
+    def bytes(self) -> int:
+        return round(self.mib * MiB)
+
+
+@dataclass
+class KVSummary:
+    mib: float
+    cells: int
+    layers: int
+    seqs: int
+    type_k: str
+    type_v: str
+    k_mib: float
+    v_mib: float
+
+
+@dataclass
+class ParsedReports:
+    buffers: list[BufferReport] = field(default_factory=list)
+    kv: KVSummary | None = None
+
+    def total_mib(self, component: str) -> float:
+        return sum(b.mib for b in self.buffers if b.component == component)
+
+    def by_device(self, component: str) -> dict[str, float]:
+        result: dict[str, float] = {}
+        for report in self.buffers:
+            if report.component == component:
+                result[report.device] = result.get(report.device, 0.0) + report.mib
+        return result
+
+
+def parse_buffer_reports(lines: list[str]) -> ParsedReports:
+    parsed = ParsedReports()
+    for raw in lines:
+        line = raw.strip()
+        match = _BUFFER_LINE.match(line)
+        if match:
+            device = match.group("buffer").removesuffix("_Mapped").removesuffix("_REPACK")
+            parsed.buffers.append(BufferReport(_COMPONENTS[match.group("kind")], device, float(match.group("mib"))))
+            continue
+        summary = _KV_SUMMARY.match(line)
+        if summary:
+            parsed.kv = KVSummary(
+                mib=float(summary.group("mib")),
+                cells=int(summary.group("cells")),
+                layers=int(summary.group("layers")),
+                seqs=int(summary.group("seqs")),
+                type_k=summary.group("type_k"),
+                type_v=summary.group("type_v"),
+                k_mib=float(summary.group("k_mib")),
+                v_mib=float(summary.group("v_mib")),
+            )
+    return parsed
+
+
+class LlamaLogCapture:
+    """Routes llama.cpp's log into Python; keeps every line and forwards to a logger callback.
+
+    llama.cpp emits partial lines (a message may arrive in pieces); pieces are joined until a newline.
+    The callback object must outlive the process's use of llama.cpp, so one instance is installed
+    process-wide with :meth:`install` and kept in a module global.
+    """
+
+    _installed: LlamaLogCapture | None = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending = ""
+        self.lines: list[str] = []
+        self.echo_level: int | None = None
+        self._callback: Any = None
+
+    @classmethod
+    def install(cls) -> LlamaLogCapture:
+        if cls._installed is not None:
+            return cls._installed
+        import llama_cpp
+
+        capture = cls()
+
+        @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+        def callback(level: int, text: bytes, user_data: Any) -> None:
+            capture._feed(text.decode("utf-8", errors="replace"))
+
+        capture._callback = callback
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        cls._installed = capture
+        return capture
+
+    def _feed(self, text: str) -> None:
+        with self._lock:
+            self._pending += text
+            while "\n" in self._pending:
+                line, self._pending = self._pending.split("\n", 1)
+                self.lines.append(line)
+            if len(self.lines) > 20000:  # a long-lived server: keep what matters, the start
+                del self.lines[10000:-5000]
+
+    def mark(self) -> int:
+        """A position in the log; :meth:`since` returns the lines after it."""
+        with self._lock:
+            return len(self.lines)
+
+    def since(self, position: int) -> list[str]:
+        with self._lock:
+            return list(self.lines[position:])
