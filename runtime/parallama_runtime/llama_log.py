@@ -25,7 +25,8 @@ __all__ = ["BufferReport", "LlamaLogCapture", "parse_buffer_reports"]
 MiB = 1024 * 1024
 
 _BUFFER_LINE = re.compile(
-    r"^(?P<func>\w+):\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size =\s+(?P<mib>[0-9.]+) MiB"
+    r"^(?P<func>\w+):\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size ="
+    r"\s+(?P<mib>[0-9.]+) MiB"
 )
 _KV_SUMMARY = re.compile(
     r"^llama_kv_cache: size =\s+(?P<mib>[0-9.]+) MiB \(\s*(?P<cells>\d+) cells,\s+(?P<layers>\d+) layers,"
@@ -83,7 +84,9 @@ def parse_buffer_reports(lines: list[str]) -> ParsedReports:
         match = _BUFFER_LINE.match(line)
         if match:
             device = match.group("buffer").removesuffix("_Mapped").removesuffix("_REPACK")
-            parsed.buffers.append(BufferReport(_COMPONENTS[match.group("kind")], device, float(match.group("mib"))))
+            parsed.buffers.append(
+                BufferReport(_COMPONENTS[match.group("kind")], device, float(match.group("mib")))
+            )
             continue
         summary = _KV_SUMMARY.match(line)
         if summary:
@@ -125,11 +128,11 @@ class LlamaLogCapture:
 
         capture = cls()
 
-        @ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-        def callback(level: int, text: bytes, user_data: Any) -> None:
+        def forward(level: int, text: bytes, user_data: Any) -> None:
             capture._feed(text.decode("utf-8", errors="replace"))
 
-        capture._callback = callback
+        callback = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(forward)
+        capture._callback = callback  # ctypes does not keep the trampoline alive: we must
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
         cls._installed = capture
         return capture

@@ -7,6 +7,7 @@ node; nothing is faked. A GPU whose NVML query fails (NotSupported, GPU lost) is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -71,10 +72,8 @@ def nvml_gpus() -> list[dict[str, Any]]:
                 }
             )
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
     return gpus
 
 

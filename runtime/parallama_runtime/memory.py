@@ -243,9 +243,9 @@ def compute_buffer_bytes(
     """
     n_embd = model.embedding_length
     n_embd_kv = max(model.k_elements(layer) for layer in range(model.block_count))
+    # for mixture-of-experts models the routed experts' intermediate (n_ff_exp x experts used) is of
+    # the same order as the dense n_ff the header gives, so n_ff stands for both
     n_ff = model.feed_forward_length or 4 * n_embd
-    if model.expert_used_count:
-        n_ff = n_ff * model.expert_used_count
     mask = n_kv / 2 if flash_attention else n_kv
     if flash_attention:
         attention = 8 * n_embd + 2 * n_embd_kv
@@ -279,7 +279,9 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
         target = device_for(assignment[layer])
         target.layers += 1
         target.weights_bytes += model.layer_bytes[layer]
-        target.kv_cache_bytes += _kv_bytes_per_cell(model, layer, type_k, type_v) * cells * config.num_parallel
+        target.kv_cache_bytes += (
+            _kv_bytes_per_cell(model, layer, type_k, type_v) * cells * config.num_parallel
+        )
     output_device = device_for(assignment[-1])
     output_device.weights_bytes += model.output_bytes
     host_bytes = model.embedding_bytes

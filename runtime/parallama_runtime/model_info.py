@@ -160,7 +160,14 @@ def model_info_from_metadata(metadata: Mapping[str, Any], *, source: str = "meta
         if canonical not in _METADATA_ALIASES.values():
             raise ModelSourceError(f"unknown model metadata key {key!r}")
         values[canonical] = value
-    required = ["architecture", "block_count", "embedding_length", "head_count", "context_length", "size_bytes"]
+    required = [
+        "architecture",
+        "block_count",
+        "embedding_length",
+        "head_count",
+        "context_length",
+        "size_bytes",
+    ]
     missing = [k for k in required if k not in values]
     if missing:
         raise ModelSourceError(f"model metadata lacks {', '.join(missing)}")
@@ -203,7 +210,7 @@ def model_info_from_gguf(path: str | os.PathLike[str], *, source: str | None = N
         raise ModelSourceError(f"{path} is not a GGUF file (magic {magic!r})")
     try:
         reader = GGUFReader(path)
-    except (ValueError, IndexError, OverflowError, MemoryError) as error:
+    except (ValueError, IndexError, KeyError, OverflowError, MemoryError, TypeError) as error:
         raise ModelSourceError(f"{path}: malformed GGUF header: {error}") from error
     return _model_info_from_reader(reader, source=source or str(path))
 
@@ -367,7 +374,7 @@ def _try_parse_prefix(prefix: bytes, total_size: int, *, source: str) -> ModelIn
         sparse.flush()
         try:
             reader = GGUFReader(sparse.name)
-        except (ValueError, IndexError, OverflowError, MemoryError, UnicodeDecodeError):
+        except (ValueError, IndexError, KeyError, OverflowError, MemoryError, TypeError):
             return None
         if reader.data_offset > len(prefix):  # the parse ran into the hole: read more
             return None

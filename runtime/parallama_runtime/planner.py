@@ -222,12 +222,18 @@ def _group(nodes: Iterable[Node], product: str | None) -> list[_Shape]:
             continue
         if node.gpu_count == 0 and not node.cpu_memory_bytes:
             continue
-        key = (node.product, node.gpu_count, node.gpu_memory_bytes, node.gpu_free_bytes, node.cpu_memory_bytes)
+        key = (
+            node.product,
+            node.gpu_count,
+            node.gpu_memory_bytes,
+            node.gpu_free_bytes,
+            node.cpu_memory_bytes,
+        )
         groups.setdefault(key, []).append(node.name)
         specimens.setdefault(key, node)
     shapes = []
-    for key, names in groups.items():
-        node = specimens[key]
+    for group, names in groups.items():
+        node = specimens[group]
         shapes.append(
             _Shape(
                 product=node.product,
@@ -251,7 +257,7 @@ def _trial(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int, slo
     keep = 1.0 - request.headroom
     if shape.is_cpu:
         capacities: tuple[int, ...] = (shape.cpu_memory_bytes,)
-        usable = (int(shape.cpu_memory_bytes * keep) - request.extra_reserve_bytes,)
+        usable: tuple[int, ...] = (int(shape.cpu_memory_bytes * keep) - request.extra_reserve_bytes,)
         config = MemoryConfig(
             num_ctx=request.num_ctx,
             num_parallel=slots,
@@ -262,11 +268,11 @@ def _trial(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int, slo
             device_overhead_bytes=DEFAULT_CPU_OVERHEAD_BYTES,
         )
     else:
-        free = sorted(shape.gpu_free_bytes or (shape.gpu_memory_bytes,) * shape.gpu_count, reverse=True)[:gpus]
+        free = sorted(shape.gpu_free_bytes or (shape.gpu_memory_bytes,) * shape.gpu_count, reverse=True)[
+            :gpus
+        ]
         capacities = (shape.gpu_memory_bytes,) * gpus
-        usable = tuple(
-            min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free
-        )
+        usable = tuple(min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free)
         split = tuple(max(u, 1) / max(sum(usable), 1) for u in usable)
         config = MemoryConfig(
             num_ctx=request.num_ctx,
@@ -298,7 +304,9 @@ def make_plan(model: ModelInfo, nodes: Sequence[Node], request: PlanRequest | No
     gpu_shapes = [s for s in shapes if not s.is_cpu]
     candidates = gpu_shapes or [s for s in shapes if s.is_cpu]
     if not candidates:
-        what = f"no node offers {request.gpu_product} GPUs" if request.gpu_product else "no node has GPUs or RAM"
+        what = (
+            f"no node offers {request.gpu_product} GPUs" if request.gpu_product else "no node has GPUs or RAM"
+        )
         return _empty_plan(model, request, what)
 
     max_gpus = min(max(s.gpu_count for s in candidates), model.block_count + 1)
@@ -389,7 +397,7 @@ def _plan_from_trial(
 
 
 def _fitting_plan(model: ModelInfo, request: PlanRequest, best: _Trial, hosts: list[_Trial]) -> Plan:
-    low, high = request.slot_bounds()
+    _, high = request.slot_bounds()
     where = "CPU memory" if best.shape.is_cpu else f"{best.gpus} x {best.shape.product}"
     used = best.estimate.total_bytes
     sentence = (
@@ -428,7 +436,8 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
         return _empty_plan(model, request, f"no node has {wanted} GPUs for one replica")
     closest = min(attempts, key=lambda t: t.shortfall)
     worst = max(
-        zip(closest.estimate.devices, closest.usable, strict=True), key=lambda pair: pair[0].total_bytes - pair[1]
+        zip(closest.estimate.devices, closest.usable, strict=True),
+        key=lambda pair: pair[0].total_bytes - pair[1],
     )
     slots = f"{low} slot{'s' if low > 1 else ''} of {request.num_ctx} tokens"
     where = "CPU memory" if closest.shape.is_cpu else f"{closest.gpus} x {closest.shape.product}"
@@ -438,7 +447,9 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
         f"closest node shape {closest.shape.describe()} ({', '.join(closest.shape.nodes)}) "
         f"lacks {format_bytes(closest.shortfall)} ({closest.shortfall} bytes)"
     )
-    return _plan_from_trial(request, closest, fits=False, reason=reason, nodes=[], shortfall=closest.shortfall)
+    return _plan_from_trial(
+        request, closest, fits=False, reason=reason, nodes=[], shortfall=closest.shortfall
+    )
 
 
 def _empty_plan(model: ModelInfo, request: PlanRequest, why: str) -> Plan:

@@ -1,0 +1,79 @@
+"""Named model shapes for planning without a file: ``parallama plan --model llama-3.1-8b``.
+
+Each preset is the explicit-metadata form the CRD accepts (camelCase keys), taken from the models'
+published GGUF headers. ``demo`` is not here: it is a real GGUF generated on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Meta Llama 3.1 8B Instruct, Q4_K_M: 32 layers, 8 KV heads of 128 -> 131072 bytes/token in f16
+    "llama-3.1-8b": {
+        "name": "Llama-3.1-8B-Instruct-Q4_K_M",
+        "architecture": "llama",
+        "blockCount": 32,
+        "embeddingLength": 4096,
+        "headCount": 32,
+        "headCountKv": 8,
+        "keyLength": 128,
+        "valueLength": 128,
+        "contextLength": 131072,
+        "vocabSize": 128256,
+        "feedForwardLength": 14336,
+        "sizeBytes": 4920734016,
+    },
+    # Qwen2.5 32B Instruct, Q4_K_M
+    "qwen2.5-32b": {
+        "name": "Qwen2.5-32B-Instruct-Q4_K_M",
+        "architecture": "qwen2",
+        "blockCount": 64,
+        "embeddingLength": 5120,
+        "headCount": 40,
+        "headCountKv": 8,
+        "keyLength": 128,
+        "valueLength": 128,
+        "contextLength": 32768,
+        "vocabSize": 152064,
+        "feedForwardLength": 27648,
+        "sizeBytes": 19851336256,
+    },
+    # Llama 3.3 70B Instruct, Q4_K_M
+    "llama-3.3-70b": {
+        "name": "Llama-3.3-70B-Instruct-Q4_K_M",
+        "architecture": "llama",
+        "blockCount": 80,
+        "embeddingLength": 8192,
+        "headCount": 64,
+        "headCountKv": 8,
+        "keyLength": 128,
+        "valueLength": 128,
+        "contextLength": 131072,
+        "vocabSize": 128256,
+        "feedForwardLength": 28672,
+        "sizeBytes": 42520398880,
+    },
+    # The seed article's model: DeepSeek (V3/R1 architecture) at a Q2 quantisation, about 202 GB.
+    # Multi-head latent attention: the cache holds kv_lora_rank + rope dims per token and layer.
+    "deepseek-r1-q2": {
+        "name": "DeepSeek-R1-Q2_K",
+        "architecture": "deepseek2",
+        "blockCount": 61,
+        "embeddingLength": 7168,
+        "headCount": 128,
+        "headCountKv": 128,
+        "keyLength": 192,
+        "valueLength": 128,
+        "contextLength": 163840,
+        "vocabSize": 129280,
+        "feedForwardLength": 18432,
+        "expertCount": 256,
+        "expertUsedCount": 8,
+        "kvLoraRank": 512,
+        "ropeDimensionCount": 64,
+        "sizeBytes": 202_000_000_000,
+    },
+}
