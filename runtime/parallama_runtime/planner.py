@@ -253,37 +253,34 @@ def _product_matches(product: str, wanted: str) -> bool:
     return normalize_product(product) == normalize_product(wanted) or product == wanted
 
 
+def _memory_config(request: PlanRequest, slots: int, split: tuple[float, ...] | None) -> MemoryConfig:
+    """The runtime's context settings for ``slots``; ``split`` None means a CPU-only replica."""
+    return MemoryConfig(
+        num_ctx=request.num_ctx,
+        num_parallel=slots,
+        kv_cache_type=request.kv_cache_type,
+        flash_attention=request.flash_attention,
+        n_ubatch=request.n_ubatch,
+        gpu_layers=0 if split is None else -1,
+        tensor_split=split or (1.0,),
+        device_overhead_bytes=DEFAULT_CPU_OVERHEAD_BYTES if split is None else request.gpu_overhead_bytes,
+    )
+
+
 def _trial(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int, slots: int) -> _Trial:
     keep = 1.0 - request.headroom
     if shape.is_cpu:
         capacities: tuple[int, ...] = (shape.cpu_memory_bytes,)
         usable: tuple[int, ...] = (int(shape.cpu_memory_bytes * keep) - request.extra_reserve_bytes,)
-        config = MemoryConfig(
-            num_ctx=request.num_ctx,
-            num_parallel=slots,
-            kv_cache_type=request.kv_cache_type,
-            flash_attention=request.flash_attention,
-            n_ubatch=request.n_ubatch,
-            gpu_layers=0,
-            device_overhead_bytes=DEFAULT_CPU_OVERHEAD_BYTES,
-        )
+        config = _memory_config(request, slots, None)
     else:
-        free = sorted(shape.gpu_free_bytes or (shape.gpu_memory_bytes,) * shape.gpu_count, reverse=True)[
-            :gpus
-        ]
+        # GPUs with the most free memory first (NVML knows it locally; in a cluster GPUs come whole)
+        free = sorted(shape.gpu_free_bytes or (shape.gpu_memory_bytes,) * shape.gpu_count, reverse=True)
         capacities = (shape.gpu_memory_bytes,) * gpus
-        usable = tuple(min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free)
-        split = tuple(max(u, 1) / max(sum(usable), 1) for u in usable)
-        config = MemoryConfig(
-            num_ctx=request.num_ctx,
-            num_parallel=slots,
-            kv_cache_type=request.kv_cache_type,
-            flash_attention=request.flash_attention,
-            n_ubatch=request.n_ubatch,
-            gpu_layers=-1,
-            tensor_split=split,
-            device_overhead_bytes=request.gpu_overhead_bytes,
+        usable = tuple(
+            min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free[:gpus]
         )
+        config = _memory_config(request, slots, tuple(max(u, 1) / max(sum(usable), 1) for u in usable))
     return _Trial(shape, gpus, slots, estimate_memory(model, config), capacities, usable)
 
 
@@ -454,13 +451,7 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
 
 def _empty_plan(model: ModelInfo, request: PlanRequest, why: str) -> Plan:
     low, _ = request.slot_bounds()
-    config = MemoryConfig(
-        num_ctx=request.num_ctx,
-        num_parallel=low,
-        kv_cache_type=request.kv_cache_type,
-        flash_attention=request.flash_attention,
-        gpu_layers=0,
-    )
+    config = _memory_config(request, low, None)
     est = estimate_memory(model, config)
     return Plan(
         fits=False,
