@@ -1,0 +1,382 @@
+"""Manifests of a ModelDeployment's children: plan + spec -> plain dicts (pure, no API calls).
+
+Every builder returns the full desired object; the handlers create or merge-patch it. The env
+contract of the runtime (``OLLAMA_*``/``PARALLAMA_*``, see /work/shared/design.md) is written here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from .inventory import GPU_PRODUCT_LABEL
+from .resources import API_VERSION, KIND, Engine, ModelDeploymentSpec, PlanStatus, VolumeKind
+
+__all__ = [
+    "ASSUMED_LOAD_BYTES_PER_SECOND",
+    "DEFAULT_OLLAMA_IMAGE",
+    "DEFAULT_RUNTIME_IMAGE",
+    "INSTANCE_LABEL",
+    "MANAGED_BY",
+    "MANAGED_BY_LABEL",
+    "MODEL_DEPLOYMENT_LABEL",
+    "PLAN_HASH_ANNOTATION",
+    "SLOTS_ANNOTATION",
+    "Owner",
+    "build_all",
+    "build_deployment",
+    "build_pdb",
+    "build_service",
+    "build_service_monitor",
+    "model_path",
+    "pod_labels",
+    "runtime_env",
+    "selector_string",
+    "startup_failure_threshold",
+]
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/parallama/parallama:0.1.0"
+DEFAULT_OLLAMA_IMAGE = "docker.io/ollama/ollama:0.12.3"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "parallama-operator"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+MODEL_DEPLOYMENT_LABEL = "parallama.dev/model-deployment"
+PLAN_HASH_ANNOTATION = "parallama.dev/plan-hash"
+SLOTS_ANNOTATION = "parallama.dev/slots"
+"""Set by the runtime on its own pod once its slots are allocated; fewer than planned -> Degraded."""
+
+ASSUMED_LOAD_BYTES_PER_SECOND = 200 * 1024 * 1024
+"""A pessimistic read speed (network volume, cold page cache) for sizing the startup probe: a 200 GB
+model then gets about 17 minutes before the kubelet gives up, a 2 GB one 70 s."""
+STARTUP_BASE_SECONDS = 60
+STARTUP_PERIOD_SECONDS = 10
+RUN_AS_USER = 10001
+MODEL_MOUNT = "/models"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The ModelDeployment the children belong to (for names, labels and ownerReferences)."""
+
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+    def metadata(self, extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "labels": {**common_labels(self.name), **(extra_labels or {})},
+            "ownerReferences": [self.reference()],
+        }
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "parallama",
+        INSTANCE_LABEL: name,
+        "app.kubernetes.io/component": "model-server",
+        MANAGED_BY_LABEL: MANAGED_BY,
+        MODEL_DEPLOYMENT_LABEL: name,
+    }
+
+
+def pod_labels(name: str) -> dict[str, str]:
+    """The selector labels: stable forever, because a Deployment's selector is immutable."""
+    return {"app.kubernetes.io/name": "parallama", INSTANCE_LABEL: name, MODEL_DEPLOYMENT_LABEL: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(pod_labels(name).items()))
+
+
+def model_path(spec: ModelDeploymentSpec) -> str:
+    """Where the GGUF file is inside the pod."""
+    uri = urlparse(spec.model.uri)
+    if uri.scheme == "file":
+        return uri.path
+    if uri.scheme == "pvc":
+        return posixpath.join(MODEL_MOUNT, posixpath.basename(uri.path))
+    return posixpath.join(MODEL_MOUNT, posixpath.basename(uri.path) or "model.gguf")
+
+
+def runtime_env(spec: ModelDeploymentSpec, plan: PlanStatus) -> list[dict[str, str]]:
+    env = {
+        "OLLAMA_NUM_PARALLEL": str(plan.num_parallel),
+        "OLLAMA_CONTEXT_LENGTH": str(plan.num_ctx),
+        "OLLAMA_KV_CACHE_TYPE": plan.kv_cache_type,
+        "OLLAMA_FLASH_ATTENTION": "1" if spec.flash_attention else "0",
+        "OLLAMA_HOST": f"0.0.0.0:{spec.service.port}",
+        "PARALLAMA_GPU_LAYERS": "-1",
+        "PARALLAMA_TENSOR_SPLIT": ",".join(plan.tensor_split) if plan.gpus_per_replica > 1 else "",
+        "PARALLAMA_MODEL": model_path(spec),
+    }
+    if spec.engine == Engine.OLLAMA:
+        env |= {"OLLAMA_MODELS": "/data/ollama", "HOME": "/tmp", "OLLAMA_KEEP_ALIVE": "-1"}
+    return [{"name": k, "value": v} for k, v in env.items()]
+
+
+def startup_failure_threshold(weights_bytes: int) -> int:
+    """Probe periods the kubelet waits for the model to load; a download happens in the init
+    container, so it does not count here, but a page-cache-cold read of the weights does."""
+    seconds = STARTUP_BASE_SECONDS + weights_bytes / ASSUMED_LOAD_BYTES_PER_SECOND
+    return max(6, math.ceil(seconds / STARTUP_PERIOD_SECONDS))
+
+
+def _volumes(spec: ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts of the runtime container)."""
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
+    uri = urlparse(spec.model.uri)
+    if uri.scheme == "pvc":
+        sub = posixpath.dirname(uri.path.lstrip("/"))
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": uri.netloc, "readOnly": True}}
+        )
+        mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
+        if sub:
+            mount["subPath"] = sub
+        mounts.append(mount)
+    elif uri.scheme in ("http", "https"):
+        if spec.storage.volume == VolumeKind.PVC:
+            volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.storage.claim_name}})
+        else:
+            empty: dict[str, Any] = {}
+            if spec.storage.size_limit:
+                empty["sizeLimit"] = spec.storage.size_limit
+            volumes.append({"name": "model", "emptyDir": empty})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if spec.engine == Engine.OLLAMA:
+        volumes.append({"name": "data", "emptyDir": {}})
+        mounts.append({"name": "data", "mountPath": "/data"})
+    return volumes, mounts
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _download_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """Fetch the model once (a PVC keeps it across restarts) and refuse a file whose digest differs:
+    a truncated or swapped model would otherwise load as garbage or crash llama.cpp."""
+    target = model_path(spec)
+    part = target + ".part"
+    steps = [
+        f"if [ -s {shlex.quote(target)} ]; then echo 'model present'; else",
+        f"curl -fSL --retry 5 --retry-delay 5 -C - -o {shlex.quote(part)} {shlex.quote(spec.model.uri)} &&",
+        f"mv {shlex.quote(part)} {shlex.quote(target)}; fi",
+    ]
+    script = " ".join(steps)
+    if spec.model.sha256:
+        script += (
+            f" && echo '{spec.model.sha256}  {target}' | sha256sum -c -"
+            f" || {{ echo 'sha256 mismatch'; rm -f {shlex.quote(target)}; exit 1; }}"
+        )
+    return {
+        "name": "fetch-model",
+        "image": spec.storage.download_image,
+        "command": ["sh", "-c", script],
+        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+        "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
+        "securityContext": _container_security(),
+    }
+
+
+def _probes(spec: ModelDeploymentSpec, plan: PlanStatus) -> dict[str, Any]:
+    threshold = startup_failure_threshold(plan.memory.weights_bytes)
+    if spec.engine == Engine.OLLAMA:
+        # Ollama has no /readyz; the model is "ready" once `ollama create` registered it.
+        return {
+            "startupProbe": {
+                "httpGet": {"path": "/", "port": "http"},
+                "periodSeconds": STARTUP_PERIOD_SECONDS,
+                "failureThreshold": threshold,
+            },
+            "readinessProbe": {"exec": {"command": ["ollama", "show", "model"]}, "periodSeconds": 10},
+            "livenessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 20},
+        }
+    return {
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": STARTUP_PERIOD_SECONDS,
+            "failureThreshold": threshold,
+        },
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 20,
+            "failureThreshold": 3,
+        },
+    }
+
+
+_OLLAMA_SCRIPT = (
+    "ollama serve & pid=$!; until ollama list >/dev/null 2>&1; do sleep 1; done; "
+    'printf "FROM %s\\nPARAMETER num_ctx %s\\n" "$PARALLAMA_MODEL" "$OLLAMA_CONTEXT_LENGTH"'
+    " > /tmp/Modelfile; "
+    "ollama create model -f /tmp/Modelfile && ollama run model '' >/dev/null; wait $pid"
+)
+
+
+def build_deployment(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: PlanStatus,
+    *,
+    default_image: str = DEFAULT_RUNTIME_IMAGE,
+    replicas: int | None = None,
+) -> dict[str, Any]:
+    """The runtime pods. GPUs per pod = the plan's GPUs per replica, pinned to the planned product."""
+    gpu_resource = spec.gpu.resource_name
+    resources: dict[str, Any] = {
+        "requests": dict((spec.resources or {}).get("requests") or {}),
+        "limits": dict((spec.resources or {}).get("limits") or {}),
+    }
+    if plan.gpus_per_replica > 0:
+        resources["limits"][gpu_resource] = str(plan.gpus_per_replica)
+        resources["requests"].pop(gpu_resource, None)
+    resources = {k: v for k, v in resources.items() if v}
+
+    node_selector = dict(spec.node_selector or {})
+    if plan.gpu_product:
+        node_selector[GPU_PRODUCT_LABEL] = plan.gpu_product
+
+    volumes, mounts = _volumes(spec)
+    image = spec.image or (DEFAULT_OLLAMA_IMAGE if spec.engine == Engine.OLLAMA else default_image)
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": image,
+        "ports": [{"name": "http", "containerPort": spec.service.port, "protocol": "TCP"}],
+        "env": runtime_env(spec, plan),
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": _container_security(),
+        **_probes(spec, plan),
+    }
+    if spec.image_pull_policy:
+        container["imagePullPolicy"] = spec.image_pull_policy
+    if spec.engine == Engine.OLLAMA:
+        container["command"] = ["/bin/sh", "-c", _OLLAMA_SCRIPT]
+
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+    }
+    if urlparse(spec.model.uri).scheme in ("http", "https"):
+        pod_spec["initContainers"] = [_download_container(spec)]
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if spec.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+
+    labels = pod_labels(owner.name)
+    annotations = {PLAN_HASH_ANNOTATION: plan.hash}
+    metadata = owner.metadata()
+    metadata["annotations"] = dict(annotations)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": spec.replicas if replicas is None else replicas,
+            "selector": {"matchLabels": labels},
+            # GPUs are scarce: surging would need spare GPUs the plan never counted on
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": {**common_labels(owner.name)}, "annotations": annotations},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def build_service(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": owner.metadata(),
+        "spec": {
+            "type": spec.service.type.value,
+            "selector": pod_labels(owner.name),
+            "ports": [{"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_service_monitor(owner: Owner, spec: ModelDeploymentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": owner.metadata(),
+        "spec": {
+            "selector": {"matchLabels": pod_labels(owner.name)},
+            "namespaceSelector": {"matchNames": [owner.namespace]},
+            "endpoints": [{"port": "http", "path": "/metrics", "interval": spec.monitoring.interval}],
+        },
+    }
+
+
+def build_pdb(owner: Owner) -> dict[str, Any]:
+    """One pod at a time may be evicted: a drain then never takes every replica of a model down."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": owner.metadata(),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(owner.name)}},
+    }
+
+
+def build_all(
+    owner: Owner,
+    spec: ModelDeploymentSpec,
+    plan: PlanStatus,
+    *,
+    service_monitor_available: bool,
+    default_image: str = DEFAULT_RUNTIME_IMAGE,
+) -> list[dict[str, Any]]:
+    """Every child a fitting plan needs (an unschedulable plan gets none: see the handlers)."""
+    children = [
+        build_deployment(owner, spec, plan, default_image=default_image),
+        build_service(owner, spec),
+    ]
+    if spec.monitoring.service_monitor and service_monitor_available:
+        children.append(build_service_monitor(owner, spec))
+    if spec.replicas > 1:
+        children.append(build_pdb(owner))
+    return children

@@ -1,0 +1,155 @@
+"""The cluster's GPU inventory, from Node objects as GPU Feature Discovery labels them.
+
+Pure functions: a Node body (a dict) goes in, a :class:`NodeGPUs` comes out; a collection of those
+becomes the planner's ``Node`` list. The kopf index in :mod:`parallama_operator.handlers` stores
+``NodeGPUs`` per node name, so the planner never sees a raw Node and tests need no cluster.
+
+Rules:
+
+* GPU count is the node's *allocatable* ``<resourceName>`` (what the scheduler can hand out), not
+  the ``nvidia.com/gpu.count`` label; the label is a fallback for nodes whose device plugin has not
+  reported yet (count 0 allocatable means none usable, so the label is only used when the resource
+  is absent altogether).
+* memory comes from ``nvidia.com/gpu.memory`` (MiB); without it, from the GPU catalog by product;
+  a GPU of unknown size is ignored rather than guessed.
+* cordoned (``spec.unschedulable``) and NotReady nodes offer nothing: pods could not land there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from parallama_runtime.gpu_catalog import lookup_gpu_memory_mib
+from parallama_runtime.planner import Node
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "GPU_COUNT_LABEL",
+    "GPU_MEMORY_LABEL",
+    "GPU_PRODUCT_LABEL",
+    "NodeGPUs",
+    "node_gpus",
+    "planner_nodes",
+    "trim_node",
+]
+
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+MiB = 1024 * 1024
+
+
+class NodeGPUs(BaseModel):
+    """What one node offers, or why it offers nothing (``excluded``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    resource_name: str = "nvidia.com/gpu"
+    product: str | None = None
+    gpu_count: int = 0
+    gpu_memory_bytes: int = 0
+    excluded: str | None = None
+    labels: dict[str, str] = {}
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self.excluded is None and self.gpu_count > 0 and self.gpu_memory_bytes > 0 and bool(self.product)
+        )
+
+
+def _quantity_int(value: Any) -> int:
+    """Extended-resource quantities are plain integers ("8"); anything else counts as none."""
+    try:
+        return int(str(value))
+    except (TypeError, ValueError):
+        return 0
+
+
+def _is_ready(status: Mapping[str, Any]) -> bool:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return str(condition.get("status")) == "True"
+    return False
+
+
+def node_gpus(body: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") -> NodeGPUs:
+    """Read one Node object (as the API returns it)."""
+    metadata = body.get("metadata") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    labels: Mapping[str, str] = metadata.get("labels") or {}
+    name = str(metadata.get("name", ""))
+    product = labels.get(GPU_PRODUCT_LABEL) or None
+
+    allocatable = status.get("allocatable") or {}
+    if resource_name in allocatable:
+        count = _quantity_int(allocatable[resource_name])
+    else:
+        count = _quantity_int(labels.get(GPU_COUNT_LABEL, 0))
+
+    memory_mib = _quantity_int(labels.get(GPU_MEMORY_LABEL, 0))
+    if memory_mib <= 0 and product:
+        memory_mib = lookup_gpu_memory_mib(product) or 0
+
+    excluded = None
+    if spec.get("unschedulable"):
+        excluded = "cordoned (spec.unschedulable)"
+    elif not _is_ready(status):
+        excluded = "not Ready"
+    elif count <= 0:
+        excluded = f"no allocatable {resource_name}"
+    elif not product:
+        excluded = f"no {GPU_PRODUCT_LABEL} label"
+    elif memory_mib <= 0:
+        excluded = f"unknown memory of {product} (no {GPU_MEMORY_LABEL} label, not in the catalog)"
+
+    return NodeGPUs(
+        name=name,
+        resource_name=resource_name,
+        product=product,
+        gpu_count=max(count, 0),
+        gpu_memory_bytes=max(memory_mib, 0) * MiB,
+        excluded=excluded,
+        labels=dict(labels),
+    )
+
+
+def planner_nodes(
+    inventory: Iterable[NodeGPUs], node_selector: Mapping[str, str] | None = None
+) -> list[Node]:
+    """The planner's view: usable GPU nodes only, and only those the spec's nodeSelector admits
+    (planning on a node the pods may not use would promise slots that never come)."""
+    nodes = []
+    for item in sorted(inventory, key=lambda n: n.name):
+        if not item.usable:
+            continue
+        if node_selector and any(item.labels.get(k) != v for k, v in node_selector.items()):
+            continue
+        nodes.append(
+            Node(
+                name=item.name,
+                product=item.product or "unknown",
+                gpu_count=item.gpu_count,
+                gpu_memory_bytes=item.gpu_memory_bytes,
+            )
+        )
+    return nodes
+
+
+def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Node the planner reads; the index keeps only these (Nodes are large, and
+    images or addresses changing must not look like an inventory change)."""
+    metadata = body.get("metadata") or {}
+    status = body.get("status") or {}
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    return {
+        "metadata": {"name": metadata.get("name", ""), "labels": dict(metadata.get("labels") or {})},
+        "spec": {"unschedulable": bool((body.get("spec") or {}).get("unschedulable", False))},
+        "status": {
+            "allocatable": dict(status.get("allocatable") or {}),
+            "conditions": [{"type": "Ready", "status": str(c.get("status"))} for c in ready],
+        },
+    }

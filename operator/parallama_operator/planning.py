@@ -1,0 +1,175 @@
+"""From a ModelDeployment spec and the GPU inventory to a plan and its status (pure).
+
+The operator's decisions that are not Kubernetes plumbing live here: which request the planner
+gets, how an OOM kill turns into extra reserve, what the status says, and which phase follows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from parallama_runtime.memory import KVCacheType
+from parallama_runtime.model_info import ModelInfo, model_info_from_metadata
+from parallama_runtime.planner import Plan, PlanRequest, make_plan
+
+from .inventory import node_gpus, planner_nodes
+from .resources import Condition, MemoryStatus, ModelDeploymentSpec, Phase, PlanStatus
+
+__all__ = [
+    "MAX_EXTRA_RESERVE_FRACTION",
+    "compute_plan",
+    "model_from_metadata",
+    "next_extra_reserve",
+    "phase_for",
+    "plan_hash",
+    "plan_request",
+    "plan_status",
+    "set_condition",
+]
+
+MiB = 1024 * 1024
+MIN_OOM_RESERVE_STEP = 256 * MiB
+MAX_EXTRA_RESERVE_FRACTION = 0.5
+"""After repeated OOM kills the reserve stops growing at half a GPU: beyond that the model's
+estimate is wrong in a way more reserve will not fix, and a human should look."""
+
+
+def model_from_metadata(spec: ModelDeploymentSpec) -> ModelInfo | None:
+    """Explicit metadata replaces the GGUF header entirely (no partial merge: a half-read header
+    mixed with hand-written numbers would be harder to reason about than either alone)."""
+    if spec.model.metadata is None:
+        return None
+    values = spec.model.metadata.model_dump(by_alias=True, exclude_none=True)
+    return model_info_from_metadata(values, source=spec.model.uri)
+
+
+def plan_request(spec: ModelDeploymentSpec, extra_reserve_bytes: int = 0) -> PlanRequest:
+    par = spec.parallelism
+    return PlanRequest(
+        num_ctx=spec.num_ctx,
+        num_parallel=par.num_parallel,
+        min_parallel=par.min_parallel,
+        max_parallel=par.max_parallel,
+        profile=par.profile.value,
+        kv_cache_type=KVCacheType(spec.kv_cache_type.value),
+        flash_attention=spec.flash_attention,
+        headroom=spec.headroom,
+        gpus_per_replica=spec.gpu.count,
+        gpu_product=spec.gpu.product,
+        extra_reserve_bytes=extra_reserve_bytes,
+    )
+
+
+def compute_plan(
+    spec: ModelDeploymentSpec,
+    model: ModelInfo,
+    node_bodies: Iterable[Mapping[str, Any]],
+    extra_reserve_bytes: int = 0,
+) -> Plan:
+    """Plan over Node objects; GPUs are counted by the spec's resource name (MIG and other device
+    plugins advertise different names), which is why the index keeps Nodes, not GPU counts."""
+    inventory = [node_gpus(body, spec.gpu.resource_name) for body in node_bodies]
+    nodes = planner_nodes(inventory, spec.node_selector)
+    return make_plan(model, nodes, plan_request(spec, extra_reserve_bytes))
+
+
+def plan_hash(plan: Plan, spec: ModelDeploymentSpec) -> str:
+    """Digest of every plan value the pods see; equal hashes mean rolling the pods would change nothing."""
+    essence = {
+        "fits": plan.fits,
+        "num_parallel": plan.num_parallel,
+        "num_ctx": plan.num_ctx,
+        "gpus": plan.gpus_per_replica,
+        "product": plan.gpu_product,
+        "kv": plan.kv_cache_type.value,
+        "fa": plan.flash_attention,
+        "split": plan.tensor_split,
+        "engine": spec.engine.value,
+    }
+    return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_status(plan: Plan, spec: ModelDeploymentSpec) -> PlanStatus:
+    mem = plan.memory
+    return PlanStatus(
+        fits=plan.fits,
+        num_parallel=plan.num_parallel,
+        num_ctx=plan.num_ctx,
+        gpus_per_replica=plan.gpus_per_replica,
+        gpu_product=plan.gpu_product,
+        gpu_memory_bytes=plan.gpu_memory_bytes,
+        kv_cache_type=plan.kv_cache_type.value,
+        nodes=list(plan.nodes),
+        tensor_split=[f"{x:.4f}" for x in plan.tensor_split],
+        memory=MemoryStatus(
+            weights_bytes=mem.weights_bytes,
+            kv_per_slot_bytes=mem.kv_per_slot_bytes,
+            kv_cache_bytes=mem.kv_cache_bytes,
+            compute_bytes=mem.compute_bytes,
+            overhead_bytes=mem.overhead_bytes,
+            headroom_bytes=mem.headroom_bytes,
+            usable_bytes=mem.usable_bytes,
+            total_bytes=mem.total_bytes,
+            capacity_bytes=mem.capacity_bytes,
+        ),
+        shortfall_bytes=plan.shortfall_bytes,
+        closest_node=plan.closest_node,
+        reason=plan.reason,
+        hash=plan_hash(plan, spec),
+    )
+
+
+def next_extra_reserve(current: int, plan: PlanStatus | None) -> int:
+    """Reserve to keep per GPU after the pods ran out of memory (or came up with fewer slots).
+
+    One step is one slot's KV cache spread over the replica's GPUs: the smallest change that makes
+    the planner give up a slot, which is what an OOM under load usually calls for. The step is at
+    least 256 MiB so a model with a tiny KV cache still moves, and the total is capped (see
+    :data:`MAX_EXTRA_RESERVE_FRACTION`).
+    """
+    if plan is None:
+        return current + MIN_OOM_RESERVE_STEP
+    gpus = max(plan.gpus_per_replica, 1)
+    step = max(plan.memory.kv_per_slot_bytes // gpus, MIN_OOM_RESERVE_STEP)
+    cap = int((plan.gpu_memory_bytes or 0) * MAX_EXTRA_RESERVE_FRACTION) or current + step
+    return min(current + step, cap)
+
+
+def phase_for(*, fits: bool, desired: int, ready: int, degraded: bool) -> Phase:
+    if not fits:
+        return Phase.UNSCHEDULABLE
+    if degraded:
+        return Phase.DEGRADED
+    if desired == 0:
+        return Phase.PLANNED
+    if ready >= desired:
+        return Phase.READY
+    return Phase.DEPLOYING
+
+
+def set_condition(
+    conditions: Iterable[Mapping[str, Any]],
+    condition: Condition,
+    now: str,
+) -> list[dict[str, Any]]:
+    """Replace the condition of the same type; keep lastTransitionTime when the status did not flip
+    (the Kubernetes convention: the time says since when it is so, not when we last looked)."""
+    result: list[dict[str, Any]] = []
+    replaced = False
+    for existing in conditions:
+        if existing.get("type") == condition.type:
+            transition = (
+                existing.get("lastTransitionTime") if existing.get("status") == condition.status else None
+            )
+            new = condition.model_copy(update={"last_transition_time": transition or now})
+            result.append(new.model_dump(by_alias=True, exclude_none=True))
+            replaced = True
+        else:
+            result.append(dict(existing))
+    if not replaced:
+        new = condition.model_copy(update={"last_transition_time": now})
+        result.append(new.model_dump(by_alias=True, exclude_none=True))
+    return result

@@ -1,0 +1,352 @@
+"""The ModelDeployment resource: spec and status as pydantic models, the source of truth of the CRD.
+
+The CRD YAML in ``crds/`` is generated from these classes by :mod:`parallama_operator.crd`, and a test
+regenerates it and compares, so the schema the API server enforces and the one the operator parses
+cannot drift apart. Field names are Python snake_case with camelCase aliases (the Kubernetes style);
+``CEL`` rules that the API server evaluates ride along in ``json_schema_extra`` so they live next to
+the field they guard.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "parallama.dev"
+VERSION = "v1alpha1"
+KIND = "ModelDeployment"
+PLURAL = "modeldeployments"
+SINGULAR = "modeldeployment"
+SHORT_NAMES = ["mdep"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_PORT = 11434
+MODEL_URI_SCHEMES = ("http", "https", "pvc", "file")
+"""Schemes the operator understands. http(s) models are downloaded by an init container (and their
+header read over HTTP Range requests for planning); pvc:// and file:// models are already in the pod,
+so the operator cannot read them and needs ``model.metadata``."""
+
+
+def _cel(
+    rule: str, message: str, *, field_path: str | None = None, reason: str | None = None
+) -> dict[str, str]:
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+def _validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+_PRESERVE: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
+_PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+"
+
+
+class _Camel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------------
+# spec
+
+
+class ModelMetadata(_Camel):
+    """The GGUF header facts the planner needs, for models whose header the operator cannot read."""
+
+    architecture: str = Field(min_length=1)
+    size_bytes: int = Field(gt=0, description="Bytes of all tensors (about the file size).")
+    block_count: int = Field(gt=0)
+    embedding_length: int = Field(gt=0)
+    head_count: int = Field(gt=0)
+    head_count_kv: int | None = Field(default=None, gt=0)
+    key_length: int | None = Field(default=None, gt=0)
+    value_length: int | None = Field(default=None, ge=0)
+    context_length: int = Field(gt=0)
+    vocab_size: int | None = Field(default=None, gt=0)
+    feed_forward_length: int | None = Field(default=None, gt=0)
+    expert_count: int | None = Field(default=None, ge=0)
+    expert_used_count: int | None = Field(default=None, ge=0)
+    sliding_window: int | None = Field(default=None, gt=0)
+    kv_lora_rank: int | None = Field(
+        default=None, gt=0, description="Multi-head latent attention (DeepSeek)."
+    )
+    rope_dimension_count: int | None = Field(default=None, gt=0)
+    name: str | None = None
+
+
+class ModelSource(_Camel):
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "self.uri.matches('^(https?|pvc|file)://.+')",
+                "model.uri must start with http://, https://, pvc:// or file://",
+                field_path=".uri",
+            ),
+            _cel(
+                "!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+')",
+                "a pvc:// model URI is pvc://<claim>/<path inside the claim>",
+                field_path=".uri",
+            ),
+            _cel(
+                "self.uri.matches('^https?://') || has(self.metadata)",
+                "pvc:// and file:// models need model.metadata: the operator cannot read their GGUF header",
+                field_path=".metadata",
+            ),
+        )
+    )
+
+    uri: str = Field(min_length=1, max_length=2048)
+    sha256: str | None = Field(default=None, pattern=r"^[a-f0-9]{64}$")
+    metadata: ModelMetadata | None = Field(
+        default=None, description="Replaces reading the GGUF header (required for pvc:// and file://)."
+    )
+
+    @model_validator(mode="after")
+    def _mirror_cel(self) -> ModelSource:
+        """The CEL rules again: the operator must not trust that the API server enforced them
+        (an older CRD may be installed, or a test emulator that validates nothing)."""
+        if not re.match(r"^(https?|pvc|file)://.+", self.uri):
+            raise ValueError("model.uri must start with http://, https://, pvc:// or file://")
+        if self.uri.startswith("pvc://") and not re.match(
+            r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+", self.uri
+        ):
+            raise ValueError("a pvc:// model URI is pvc://<claim>/<path inside the claim>")
+        if not re.match(r"^https?://", self.uri) and self.metadata is None:
+            raise ValueError(
+                "pvc:// and file:// models need model.metadata: the operator cannot read their GGUF header"
+            )
+        return self
+
+
+class Engine(StrEnum):
+    PARALLAMA = "parallama"
+    OLLAMA = "ollama"
+
+
+class Profile(StrEnum):
+    CHAT = "chat"
+    BATCH = "batch"
+
+
+class KVCache(StrEnum):
+    F16 = "f16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+
+class Parallelism(_Camel):
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "!has(self.maxParallel) || self.minParallel <= self.maxParallel",
+                "minParallel must not exceed maxParallel",
+                field_path=".minParallel",
+            ),
+            _cel(
+                "!has(self.numParallel) || (self.numParallel >= self.minParallel"
+                " && (!has(self.maxParallel) || self.numParallel <= self.maxParallel))",
+                "numParallel must lie within [minParallel, maxParallel]",
+                field_path=".numParallel",
+            ),
+        )
+    )
+
+    num_parallel: int | None = Field(default=None, ge=1, le=256, description="Explicit slots; unset = auto.")
+    min_parallel: int = Field(default=1, ge=1, le=256)
+    max_parallel: int | None = Field(default=None, ge=1, le=256)
+    profile: Profile = Profile.CHAT
+
+    @model_validator(mode="after")
+    def _mirror_cel(self) -> Parallelism:
+        if self.max_parallel is not None and self.min_parallel > self.max_parallel:
+            raise ValueError("minParallel must not exceed maxParallel")
+        if self.num_parallel is not None and (
+            self.num_parallel < self.min_parallel
+            or (self.max_parallel is not None and self.num_parallel > self.max_parallel)
+        ):
+            raise ValueError("numParallel must lie within [minParallel, maxParallel]")
+        return self
+
+
+class GPU(_Camel):
+    count: int | None = Field(default=None, ge=1, le=16, description="GPUs per replica; unset = fewest.")
+    product: str | None = Field(default=None, description="GPU product (GFD label value), e.g. NVIDIA-L4.")
+    resource_name: str = Field(default="nvidia.com/gpu", min_length=1)
+
+
+class ServiceType(StrEnum):
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    LOAD_BALANCER = "LoadBalancer"
+
+
+class ServiceSpec(_Camel):
+    type: ServiceType = ServiceType.CLUSTER_IP
+    port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
+
+
+class Monitoring(_Camel):
+    service_monitor: bool = False
+    interval: str = Field(default="30s", pattern=r"^[0-9]+(ms|s|m|h)$")
+
+
+class VolumeKind(StrEnum):
+    EMPTY_DIR = "emptyDir"
+    PVC = "persistentVolumeClaim"
+
+
+class Storage(_Camel):
+    """Where an http(s) model is downloaded to; pvc:// models are mounted from their claim instead."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "self.volume != 'persistentVolumeClaim' || has(self.claimName)",
+                "storage.claimName is required when storage.volume is persistentVolumeClaim",
+                field_path=".claimName",
+            ),
+        )
+    )
+
+    volume: VolumeKind = VolumeKind.EMPTY_DIR
+    claim_name: str | None = Field(default=None, min_length=1)
+    size_limit: str | None = Field(default=None, description="emptyDir size limit, e.g. 300Gi.")
+    download_image: str = "docker.io/curlimages/curl:8.11.0"
+
+    @model_validator(mode="after")
+    def _mirror_cel(self) -> Storage:
+        if self.volume == VolumeKind.PVC and not self.claim_name:
+            raise ValueError("storage.claimName is required when storage.volume is persistentVolumeClaim")
+        return self
+
+
+class ModelDeploymentSpec(_Camel):
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "self.headroom >= 0.0 && self.headroom <= 0.9",
+                "headroom must lie in [0, 0.9]",
+                field_path=".headroom",
+            ),
+            _cel(
+                "self.kvCacheType == 'f16' || self.flashAttention",
+                "a quantized kvCacheType needs flashAttention (llama.cpp keeps V in f16 otherwise)",
+                field_path=".kvCacheType",
+            ),
+            _cel(
+                "!has(self.storage.claimName) || !self.model.uri.startsWith('pvc://')",
+                "storage is for downloaded models; a pvc:// model is mounted from its own claim",
+                field_path=".storage.claimName",
+            ),
+        )
+    )
+
+    model: ModelSource
+    engine: Engine = Engine.PARALLAMA
+    num_ctx: int = Field(default=4096, ge=256, le=1048576, description="Tokens per slot.")
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    kv_cache_type: KVCache = KVCache.F16
+    flash_attention: bool = True
+    headroom: float = Field(default=0.2, ge=0.0, le=0.9, description="Share of GPU memory kept free.")
+    gpu: GPU = Field(default_factory=GPU)
+    replicas: int = Field(default=1, ge=0, le=1000)
+    resources: dict[str, Any] | None = Field(
+        default=None, json_schema_extra=_PRESERVE, description="Container resources besides GPUs."
+    )
+    node_selector: dict[str, str] | None = None
+    tolerations: list[dict[str, Any]] | None = None
+    affinity: dict[str, Any] | None = Field(default=None, json_schema_extra=_PRESERVE)
+    image: str | None = Field(default=None, description="Runtime image; the operator's default if unset.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    storage: Storage = Field(default_factory=Storage)
+
+    @model_validator(mode="after")
+    def _mirror_cel(self) -> ModelDeploymentSpec:
+        if self.kv_cache_type != KVCache.F16 and not self.flash_attention:
+            raise ValueError(
+                "a quantized kvCacheType needs flashAttention (llama.cpp keeps V in f16 otherwise)"
+            )
+        if self.storage.claim_name and self.model.uri.startswith("pvc://"):
+            raise ValueError("storage is for downloaded models; a pvc:// model is mounted from its own claim")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PLANNED = "Planned"
+    DEPLOYING = "Deploying"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    UNSCHEDULABLE = "Unschedulable"
+    INVALID = "Invalid"
+
+
+class MemoryStatus(_Camel):
+    weights_bytes: int = 0
+    kv_per_slot_bytes: int = 0
+    kv_cache_bytes: int = 0
+    compute_bytes: int = 0
+    overhead_bytes: int = 0
+    headroom_bytes: int = 0
+    usable_bytes: int = 0
+    total_bytes: int = 0
+    capacity_bytes: int = 0
+
+
+class PlanStatus(_Camel):
+    fits: bool
+    num_parallel: int
+    num_ctx: int
+    gpus_per_replica: int
+    gpu_product: str | None = None
+    gpu_memory_bytes: int | None = None
+    kv_cache_type: str
+    nodes: list[str] = Field(default_factory=list)
+    tensor_split: list[str] = Field(default_factory=list, description="Fractions, as decimal strings.")
+    memory: MemoryStatus
+    shortfall_bytes: int = 0
+    closest_node: str | None = None
+    reason: str
+    hash: str = Field(description="Digest of what the pods depend on; a change rolls the Deployment.")
+
+
+class Condition(_Camel):
+    type: Literal["Planned", "Available", "Progressing", "Degraded"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class ModelDeploymentStatus(_Camel):
+    phase: Phase = Phase.PENDING
+    observed_generation: int | None = None
+    message: str | None = None
+    plan: PlanStatus | None = None
+    replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = None
+    selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
+    extra_reserve_bytes: int = Field(
+        default=0, ge=0, description="Bytes kept free per GPU on top of headroom, raised after an OOM kill."
+    )
+    oom_kills: int = 0
+    troubles: list[str] = Field(
+        default_factory=list, description="Signatures of the OOM kills and slot shortfalls already acted on."
+    )
+    conditions: list[Condition] = Field(default_factory=list)
