@@ -6,6 +6,7 @@ strict: unknown fields fail); prometheus-operator kinds, which those schemas lac
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,19 @@ def operator_container(objects: list[Manifest]) -> Manifest:
 
 def env_of(container: Manifest) -> dict[str, Any]:
     return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def operator_args(container: Manifest) -> argparse.Namespace:
+    """The container's arguments as the operator's own command line parses them."""
+    try:
+        from parallama_operator import main
+    except ImportError as error:
+        pytest.fail(f"parallama_operator.main is missing ({error}); the chart runs `parallama operator`")
+    parser = argparse.ArgumentParser(prog="parallama operator", exit_on_error=False)
+    main.add_arguments(parser)
+    args, unknown = parser.parse_known_args([str(a) for a in container["args"]])
+    assert unknown == [], f"`parallama operator` does not accept {unknown}"
+    return args
 
 
 def walk_strings(node: Any) -> Iterator[str]:
@@ -326,15 +340,13 @@ def test_namespace_scope_splits_rules_into_roles() -> None:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == NAMESPACE
 
-    args = operator_container(objects)["args"]
-    assert "--all-namespaces" not in args
-    assert [a for a in args if a.startswith("--namespace=")] == ["--namespace=team-a", "--namespace=team-b"]
+    assert operator_args(operator_container(objects)).namespace == ["team-a", "team-b"]
 
 
 def test_namespace_scope_defaults_to_release_namespace() -> None:
     objects = render({"operator": {"scope": "namespace"}})
     assert [r["metadata"]["namespace"] for r in of_kind(objects, "Role")] == [NAMESPACE]
-    assert f"--namespace={NAMESPACE}" in operator_container(objects)["args"]
+    assert operator_args(operator_container(objects)).namespace == [NAMESPACE]
 
 
 # ----------------------------------------------------------------------------- operator Deployment
@@ -361,20 +373,18 @@ def test_operator_deployment_defaults() -> None:
     assert sc["capabilities"] == {"drop": ["ALL"]}
     assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
 
-    assert container["command"] == ["kopf"]
-    args = container["args"]
-    assert args[0] == "run" and "--all-namespaces" in args
-    assert "--module=parallama_operator" in args
-    liveness = [a for a in args if a.startswith("--liveness=")]
-    assert liveness == ["--liveness=http://0.0.0.0:8080/healthz"]
+    assert container["command"] == ["parallama", "operator"]
+    args = operator_args(container)
+    assert args.namespace == []  # cluster-wide
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
     probe = container["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert probe["path"] == "/healthz" and ports[probe["port"]] == 8080
+    assert args.metrics_port == ports["metrics"] == 9090
 
     env = env_of(container)
     assert env["PARALLAMA_RUNTIME_IMAGE"] == f"{defaults['runtime']['image']['repository']}:{app_version}"
     assert env["PARALLAMA_RUNTIME_IMAGE_PULL_POLICY"] == "IfNotPresent"
-    assert int(env["PARALLAMA_OPERATOR_METRICS_PORT"]) == ports["metrics"]
     assert all(":latest" not in s for s in walk_strings(objects))
 
 
@@ -388,7 +398,7 @@ def test_custom_images_and_scheduling() -> None:
     assert env["PARALLAMA_RUNTIME_IMAGE"] == "registry.example.com/ml/rt:9.9.9-cuda"
     assert env["PARALLAMA_RUNTIME_IMAGE_PULL_POLICY"] == "Never"
     assert env["EXTRA"] == "1"
-    assert container["args"][-1] == "--verbose"
+    assert operator_args(container).verbose is True
     assert container["resources"] == CUSTOM["operator"]["resources"]
     assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
     assert pod["tolerations"] == CUSTOM["operator"]["tolerations"]

@@ -138,7 +138,7 @@ def test_operator_image_has_no_runtime_extra() -> None:
     joined = " ".join(installs)
     assert "runtime]" not in joined and "[runtime" not in joined and "llama-cpp-python" not in joined
     entry = exec_form(stages[-1].all("ENTRYPOINT")[-1]) + exec_form(stages[-1].all("CMD")[-1])
-    assert entry[:2] == ["kopf", "run"]
+    assert entry[:2] == ["parallama", "operator"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in entry
 
 
