@@ -397,9 +397,8 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         if previous and trigger != "spec":
             metrics.REPLANS.inc()
             before = f"{previous.get('numParallel')} slots on {previous.get('gpusPerReplica')} GPU(s)"
-            kopf.info(
-                dict(body), reason="Replanned", message=f"after {trigger} change, was {before}: {plan.reason}"
-            )
+            message = f"after a {trigger} change (was {before}): {plan.reason}"
+            kopf.info(_event_body(body), reason="Replanned", message=message)
         else:
             kopf.info(_event_body(body), reason="Planned", message=plan.reason)
 

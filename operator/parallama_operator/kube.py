@@ -9,6 +9,7 @@ path-based client is all we need; typed API classes would only add conversions.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -67,7 +68,10 @@ class KubeClient:
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            # read KUBECONFIG now: the kubernetes package only reads it once, at its import
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+            )
 
         def headers() -> dict[str, str]:
             # asked on every request: the in-cluster token is rotated and re-read by this hook

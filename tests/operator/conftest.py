@@ -1,0 +1,71 @@
+"""Fixtures: an emulated cluster (kmock + harness), a Range-capable model server, the real operator."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import aiohttp.web
+import kmock
+import pytest
+import pytest_asyncio
+import yaml
+from harness import Cluster, ClusterEmulator, running_operator
+from parallama_runtime.demo_model import DEMO_SHAPE, write_model
+
+
+@pytest.fixture(scope="session")
+def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("models") / "demo.gguf", DEMO_SHAPE)
+
+
+@pytest_asyncio.fixture()
+async def model_url(gguf_path: Path) -> AsyncIterator[str]:
+    """Serves the demo GGUF over HTTP; aiohttp's file responses honour Range requests."""
+    app = aiohttp.web.Application()
+    app.router.add_static("/models/", gguf_path.parent)
+    runner = aiohttp.web.AppRunner(app)
+    await runner.setup()
+    site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    yield f"http://127.0.0.1:{port}/models/{gguf_path.name}"
+    await runner.cleanup()
+
+
+@pytest_asyncio.fixture()
+async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        url = str(server.url).rstrip("/")
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                    "users": [{"name": "kmock", "user": {"token": "test-token"}}],
+                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+                    "current-context": "kmock",
+                }
+            )
+        )
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        import kubernetes.config.kube_config
+
+        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        monkeypatch.setenv("PARALLAMA_REPLAN_DEBOUNCE_SECONDS", "0.3")
+        monkeypatch.setenv("PARALLAMA_RESYNC_SECONDS", "3600")
+        emulator.objects["v1/namespaces", None, "default"] = {
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": {"name": "default", "resourceVersion": "1"},
+        }
+        yield Cluster(emulator, url)
+
+
+@pytest.fixture()
+def operator_factory() -> Callable[[], contextlib.AbstractAsyncContextManager[None]]:
+    return running_operator
