@@ -1,0 +1,168 @@
+"""Real processes for the observability suite: a running parallama runtime, the operator's metrics
+registry served over HTTP, and /usr/bin/prometheus scraping both (loopback only, temp dirs, free ports)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from obs_support import (
+    OPERATOR_JOB,
+    OPERATOR_NAMESPACE,
+    PROMETHEUS,
+    REPO,
+    RULES,
+    RUNTIME_JOB,
+    RUNTIME_NAMESPACE,
+    RUNTIME_START,
+    OperatorExporter,
+    Prometheus,
+    Runtime,
+    free_port,
+    http_get,
+    require_serve,
+)
+
+
+@pytest.fixture(scope="session")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """`parallama serve` with the built-in demo model, 2 slots of 256 tokens, on a free loopback port."""
+    require_serve()
+    port = free_port()
+    log = tmp_path_factory.mktemp("runtime") / "runtime.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "PARALLAMA_"))}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-c", RUNTIME_START.format(port=port)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+    server = Runtime(f"http://127.0.0.1:{port}", port, process, log)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(
+                    f"the runtime exited with {process.returncode} before /readyz:\n{server.log_tail()}"
+                )
+            try:
+                if http_get(f"{server.url}/readyz", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the runtime was not ready within 120 s:\n{server.log_tail()}")
+            time.sleep(0.25)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def operator_exporter() -> Iterator[OperatorExporter]:
+    """The operator's real collectors (parallama_operator.metrics, default registry) served over HTTP,
+    with a few synthetic observations of the kind a reconcile records (no cluster here)."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    metrics = importlib.import_module("parallama_operator.metrics")
+    metrics.RECONCILES.labels(result="ok").inc(3)
+    metrics.RECONCILES.labels(result="error").inc()
+    metrics.RECONCILE_SECONDS.observe(0.12)
+    metrics.RECONCILE_SECONDS.observe(0.4)
+    metrics.PLANS.labels(fits="true").inc(2)
+    metrics.PLANNED_SLOTS.labels(namespace=RUNTIME_NAMESPACE, name=RUNTIME_JOB).set(2)
+    metrics.PLANNED_GPUS.labels(namespace=RUNTIME_NAMESPACE, name=RUNTIME_JOB).set(1)
+    port = free_port()
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+    try:
+        yield OperatorExporter(f"http://127.0.0.1:{port}", port)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def prometheus(
+    runtime: Runtime, operator_exporter: OperatorExporter, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
+    """Real Prometheus, scrape and rule evaluation every second, with the chart's alert rules loaded."""
+    if not Path(PROMETHEUS).exists() and shutil.which("prometheus") is None:
+        pytest.fail(f"{PROMETHEUS} is missing (Debian package `prometheus`)")
+    binary = PROMETHEUS if Path(PROMETHEUS).exists() else str(shutil.which("prometheus"))
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {
+                "job_name": RUNTIME_JOB,
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{runtime.port}"], "labels": {"namespace": RUNTIME_NAMESPACE}}
+                ],
+            },
+            {
+                "job_name": OPERATOR_JOB,
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{operator_exporter.port}"],
+                        "labels": {"namespace": OPERATOR_NAMESPACE},
+                    }
+                ],
+            },
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = workdir / "prometheus.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--web.enable-lifecycle",
+                "--log.level=warn",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"prometheus exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if http_get(f"{server.url}/-/ready", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"prometheus was not ready within 30 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
