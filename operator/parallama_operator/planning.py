@@ -73,7 +73,12 @@ def compute_plan(
     plugins advertise different names), which is why the index keeps Nodes, not GPU counts."""
     inventory = [node_gpus(body, spec.gpu.resource_name) for body in node_bodies]
     nodes = planner_nodes(inventory, spec.node_selector)
-    return make_plan(model, nodes, plan_request(spec, extra_reserve_bytes))
+    plan = make_plan(model, nodes, plan_request(spec, extra_reserve_bytes))
+    if plan.fits and plan.gpu_product:
+        # the pods are pinned to the chosen product: list only the nodes they can land on
+        hosts = {n.name for n in nodes if n.product == plan.gpu_product and n.gpu_count >= plan.gpus_per_replica}
+        plan = plan.model_copy(update={"nodes": [n for n in plan.nodes if n in hosts]})
+    return plan
 
 
 def plan_hash(plan: Plan, spec: ModelDeploymentSpec) -> str:
