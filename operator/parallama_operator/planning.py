@@ -76,7 +76,9 @@ def compute_plan(
     plan = make_plan(model, nodes, plan_request(spec, extra_reserve_bytes))
     if plan.fits and plan.gpu_product:
         # the pods are pinned to the chosen product: list only the nodes they can land on
-        hosts = {n.name for n in nodes if n.product == plan.gpu_product and n.gpu_count >= plan.gpus_per_replica}
+        hosts = {
+            n.name for n in nodes if n.product == plan.gpu_product and n.gpu_count >= plan.gpus_per_replica
+        }
         plan = plan.model_copy(update={"nodes": [n for n in plan.nodes if n in hosts]})
     return plan
 

@@ -11,7 +11,9 @@ kmock 0.8 emulates object storage and watch streams, but (as of this version):
    resourceVersion -> only objects newer than the requested version are replayed;
 5. cannot parse ``GET /api/v1/namespaces`` (its path parser expects a namespace name after
    ``namespaces``) -> answered here from the stored Namespace objects;
-6. discovers only resources it has objects or reactions for, while kopf waits for ``v1/namespaces``
+6. ignores ``metadata.generateName`` (every kopf Event after the first then conflicts) -> a name is
+   generated here;
+7. discovers only resources it has objects or reactions for, while kopf waits for ``v1/namespaces``
    to be discoverable -> the bundled built-in resource list and the ModelDeployment CRD are loaded.
 
 Everything else is kmock's own behaviour. Nothing here knows about parallama.
@@ -162,6 +164,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         meta = data.setdefault("metadata", {})
         meta["resourceVersion"] = self._next_version()
         if request.action == enums.action.CREATE:
+            if not meta.get("name") and meta.get("generateName"):  # kopf's events use generateName
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
             meta.setdefault("uid", str(uuid.uuid4()))
             meta.setdefault("generation", 1)
             meta.setdefault(
@@ -176,9 +180,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 meta["generation"] = int(current) + 1
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
-        if request.resource is not None and request.action == enums.action.UPDATE:
-            if isinstance(request.data, list):
-                return await self._json_patch(request)
+        is_update = request.resource is not None and request.action == enums.action.UPDATE
+        if is_update and isinstance(request.data, list):
+            return await self._json_patch(request)
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
             self._stamp(request)
         return await super()._handle(request)
@@ -241,6 +245,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                 if not _selector_matches(selector, labels):
                     continue
             yield item
+
+    def requests_made(self) -> list[rendering.Request]:
+        return list(self._requests)
 
     def objects_of(self, resource: str, namespace: str | None = None) -> list[dict[str, Any]]:
         """Live (not deleted) objects of one resource, for assertions."""
@@ -356,8 +363,8 @@ class Cluster:
         events = self.emulator.objects_of("v1/events")
         return [e for e in events if name is None or e.get("involvedObject", {}).get("name") == name]
 
-    async def wait_for(self, check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def wait_for(self, check: Callable[[], Any], within: float = 20.0, what: str = "condition") -> Any:
+        deadline = asyncio.get_running_loop().time() + within
         while True:
             try:
                 result = check()

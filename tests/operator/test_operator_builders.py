@@ -6,9 +6,6 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from parallama_runtime.model_info import model_info_from_metadata
-from parallama_runtime.planner import Node, PlanRequest, make_plan
-
 from parallama_operator.builders import (
     ASSUMED_LOAD_BYTES_PER_SECOND,
     PLAN_HASH_ANNOTATION,
@@ -23,6 +20,8 @@ from parallama_operator.builders import (
 )
 from parallama_operator.planning import plan_status
 from parallama_operator.resources import ModelDeploymentSpec, PlanStatus
+from parallama_runtime.model_info import model_info_from_metadata
+from parallama_runtime.planner import Node, PlanRequest, make_plan
 
 K8S_VERSION = "1.33"
 OWNER = Owner(name="chat", namespace="ai", uid="0b6a3e0e-1111-2222-3333-444455556666")
@@ -135,7 +134,10 @@ def test_probes_and_startup_budget_scale_with_the_model() -> None:
 def test_download_init_container_verifies_sha256() -> None:
     digest = "ab" * 32
     spec = ModelDeploymentSpec.model_validate(
-        {"model": {"uri": "https://models.example/x.gguf", "sha256": digest}, "storage": {"sizeLimit": "10Gi"}}
+        {
+            "model": {"uri": "https://models.example/x.gguf", "sha256": digest},
+            "storage": {"sizeLimit": "10Gi"},
+        }
     )
     plan = plan_for(spec_of(), [L4])
     pod = build_deployment(OWNER, spec, plan)["spec"]["template"]["spec"]
@@ -196,8 +198,11 @@ def _manifests() -> list[dict[str, Any]]:
     specs = [
         spec_of(),
         spec_of(replicas=2, engine="ollama", service={"type": "LoadBalancer", "port": 8080}),
-        spec_of(gpu={"count": 8}, affinity={"nodeAffinity": {}}, storage={"volume": "persistentVolumeClaim",
-                                                                          "claimName": "cache"}),
+        spec_of(
+            gpu={"count": 8},
+            affinity={"nodeAffinity": {}},
+            storage={"volume": "persistentVolumeClaim", "claimName": "cache"},
+        ),
         ModelDeploymentSpec.model_validate({"model": {"uri": "pvc://m/a/b.gguf", "metadata": METADATA}}),
         ModelDeploymentSpec.model_validate({"model": {"uri": "file:///opt/m.gguf", "metadata": METADATA}}),
     ]

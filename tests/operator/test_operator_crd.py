@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import ValidationError
-from schema_tools import admit
-
 from parallama_operator.crd import crd_manifest, crd_yaml
 from parallama_operator.resources import ModelDeploymentSpec
+from pydantic import ValidationError
+from schema_tools import admit
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "modeldeployments.parallama.dev.yaml"
@@ -107,12 +106,18 @@ VALID = [
     {"model": {"uri": "http://models.local/m.gguf", "sha256": "a" * 64}},
     {"model": {"uri": "pvc://models/llama/m.gguf", "metadata": METADATA}},
     {"model": {"uri": "file:///models/m.gguf", "metadata": METADATA}},
-    {"model": {"uri": "https://x/m.gguf"}, "parallelism": {"minParallel": 2, "maxParallel": 8, "numParallel": 4}},
+    {
+        "model": {"uri": "https://x/m.gguf"},
+        "parallelism": {"minParallel": 2, "maxParallel": 8, "numParallel": 4},
+    },
     {"model": {"uri": "https://x/m.gguf"}, "parallelism": {"numParallel": 3}},
     {"model": {"uri": "https://x/m.gguf"}, "headroom": 0.0},
     {"model": {"uri": "https://x/m.gguf"}, "headroom": 0.9},
     {"model": {"uri": "https://x/m.gguf"}, "kvCacheType": "q8_0", "flashAttention": True},
-    {"model": {"uri": "https://x/m.gguf"}, "storage": {"volume": "persistentVolumeClaim", "claimName": "cache"}},
+    {
+        "model": {"uri": "https://x/m.gguf"},
+        "storage": {"volume": "persistentVolumeClaim", "claimName": "cache"},
+    },
 ]
 
 INVALID = [
@@ -120,12 +125,24 @@ INVALID = [
     ({"model": {"uri": "pvc://models/m.gguf"}}, "need model.metadata"),
     ({"model": {"uri": "pvc://Bad_Claim/m.gguf", "metadata": METADATA}}, "pvc://<claim>/<path"),
     ({"model": {"uri": "pvc://claimonly", "metadata": METADATA}}, "pvc://<claim>/<path"),
-    ({"model": {"uri": "https://x/m.gguf"}, "parallelism": {"minParallel": 5, "maxParallel": 2}}, "minParallel"),
-    ({"model": {"uri": "https://x/m.gguf"}, "parallelism": {"numParallel": 9, "maxParallel": 8}}, "numParallel"),
-    ({"model": {"uri": "https://x/m.gguf"}, "parallelism": {"numParallel": 1, "minParallel": 2}}, "numParallel"),
+    (
+        {"model": {"uri": "https://x/m.gguf"}, "parallelism": {"minParallel": 5, "maxParallel": 2}},
+        "minParallel",
+    ),
+    (
+        {"model": {"uri": "https://x/m.gguf"}, "parallelism": {"numParallel": 9, "maxParallel": 8}},
+        "numParallel",
+    ),
+    (
+        {"model": {"uri": "https://x/m.gguf"}, "parallelism": {"numParallel": 1, "minParallel": 2}},
+        "numParallel",
+    ),
     ({"model": {"uri": "https://x/m.gguf"}, "headroom": 0.95}, "headroom"),
     ({"model": {"uri": "https://x/m.gguf"}, "headroom": -0.1}, "headroom"),
-    ({"model": {"uri": "https://x/m.gguf"}, "kvCacheType": "q4_0", "flashAttention": False}, "flashAttention"),
+    (
+        {"model": {"uri": "https://x/m.gguf"}, "kvCacheType": "q4_0", "flashAttention": False},
+        "flashAttention",
+    ),
     ({"model": {"uri": "https://x/m.gguf"}, "storage": {"volume": "persistentVolumeClaim"}}, "claimName"),
     ({"model": {"uri": "https://x/m.gguf"}, "kvCacheType": "q2"}, "kvCacheType"),
     ({"model": {"uri": "https://x/m.gguf", "sha256": "xyz"}}, "sha256"),
@@ -133,7 +150,9 @@ INVALID = [
 
 
 @pytest.mark.parametrize("spec", VALID)
-def test_valid_specs_pass_the_api_server_and_the_operator(schema: dict[str, Any], spec: dict[str, Any]) -> None:
+def test_valid_specs_pass_the_api_server_and_the_operator(
+    schema: dict[str, Any], spec: dict[str, Any]
+) -> None:
     obj, errors = admit(schema, md(spec))
     assert errors == []
     ModelDeploymentSpec.model_validate(obj["spec"])

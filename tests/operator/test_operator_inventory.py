@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from harness import gfd_node
-
 from parallama_operator.inventory import node_gpus, planner_nodes, trim_node
 
 MiB = 1024 * 1024
@@ -47,8 +46,10 @@ def test_cordoned_and_not_ready_nodes_offer_nothing() -> None:
 
 
 def test_cpu_nodes_are_not_gpu_nodes() -> None:
-    node = {"metadata": {"name": "cpu"}, "status": {"allocatable": {"cpu": "8"}, "conditions": [
-        {"type": "Ready", "status": "True"}]}}
+    node = {
+        "metadata": {"name": "cpu"},
+        "status": {"allocatable": {"cpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
     assert not node_gpus(node).usable
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from harness import gfd_node
-
 from parallama_operator.health import runtime_troubles
 from parallama_operator.planning import (
     MAX_EXTRA_RESERVE_FRACTION,
@@ -31,7 +30,9 @@ NODES = [gfd_node("l4", "NVIDIA-L4", 1, 23034), gfd_node("l20", "NVIDIA-L20", 8,
 
 
 def spec_of(**fields: Any) -> ModelDeploymentSpec:
-    return ModelDeploymentSpec.model_validate({"model": {"uri": "pvc://m/x.gguf", "metadata": METADATA}, **fields})
+    return ModelDeploymentSpec.model_validate(
+        {"model": {"uri": "pvc://m/x.gguf", "metadata": METADATA}, **fields}
+    )
 
 
 def test_status_carries_the_memory_breakdown() -> None:
@@ -39,8 +40,16 @@ def test_status_carries_the_memory_breakdown() -> None:
     plan = compute_plan(spec, model_from_metadata(spec) or _fail(), NODES)
     status = plan_status(plan, spec).model_dump(by_alias=True)
     memory = status["memory"]
-    for key in ("weightsBytes", "kvPerSlotBytes", "kvCacheBytes", "computeBytes", "overheadBytes",
-                "headroomBytes", "usableBytes", "totalBytes"):
+    for key in (
+        "weightsBytes",
+        "kvPerSlotBytes",
+        "kvCacheBytes",
+        "computeBytes",
+        "overheadBytes",
+        "headroomBytes",
+        "usableBytes",
+        "totalBytes",
+    ):
         assert memory[key] > 0, key
     assert memory["kvCacheBytes"] == memory["kvPerSlotBytes"] * status["numParallel"]
     assert memory["totalBytes"] <= memory["usableBytes"]
@@ -106,8 +115,10 @@ def test_condition_transition_time_moves_only_on_flips() -> None:
 
 
 def _pod(**status: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "p", "uid": "u1", "annotations": status.pop("annotations", {})},
-            "status": {"containerStatuses": [{"name": "runtime", **status}]}}
+    return {
+        "metadata": {"name": "p", "uid": "u1", "annotations": status.pop("annotations", {})},
+        "status": {"containerStatuses": [{"name": "runtime", **status}]},
+    }
 
 
 def test_oom_kill_is_one_trouble_before_and_after_the_restart() -> None:
@@ -116,8 +127,11 @@ def test_oom_kill_is_one_trouble_before_and_after_the_restart() -> None:
     (a,) = runtime_troubles(killed, 4)
     (b,) = runtime_troubles(restarted, 4)
     assert a.reason == "OOMKilled" and a.signature == b.signature
-    again = _pod(restartCount=2, state={"terminated": {"reason": "OOMKilled"}},
-                 lastState={"terminated": {"reason": "OOMKilled"}})
+    again = _pod(
+        restartCount=2,
+        state={"terminated": {"reason": "OOMKilled"}},
+        lastState={"terminated": {"reason": "OOMKilled"}},
+    )
     assert len(runtime_troubles(again, 4)) == 2
 
 

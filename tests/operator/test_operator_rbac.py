@@ -27,8 +27,12 @@ def test_the_operator_may_do_what_it_does() -> None:
     assert allowed("parallama.dev", "modeldeployments", "watch")
     assert allowed("parallama.dev", "modeldeployments", "patch")  # kopf's annotations and finalizer
     assert allowed("parallama.dev", "modeldeployments/status", "patch")
-    for group, resource in (("apps", "deployments"), ("", "services"), ("policy", "poddisruptionbudgets"),
-                            ("monitoring.coreos.com", "servicemonitors")):
+    for group, resource in (
+        ("apps", "deployments"),
+        ("", "services"),
+        ("policy", "poddisruptionbudgets"),
+        ("monitoring.coreos.com", "servicemonitors"),
+    ):
         for verb in ("get", "create", "patch"):
             assert allowed(group, resource, verb), (group, resource, verb)
     for resource in ("nodes", "pods"):
