@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from harness import Cluster, gfd_node, running_operator
+from prometheus_client import REGISTRY
 
 MD = "parallama.dev/v1alpha1/modeldeployments"
 DEPLOYMENTS = "apps/v1/deployments"
@@ -47,7 +48,12 @@ def reasons(cluster: Cluster, name: str) -> list[str]:
     return [e.get("reason", "") for e in cluster.events(name)]
 
 
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, model_url: str) -> None:
+    ok_before = sample("parallama_operator_reconcile_total", result="ok")
     await add_gpu_nodes(cluster)
     async with running_operator():
         await cluster.create_md("chat", {"model": {"uri": model_url}})
@@ -69,6 +75,8 @@ async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, mo
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Planned"]["status"] == "True" and conditions["Progressing"]["status"] == "True"
     assert status["endpoint"] == "http://chat.default.svc:11434"
+    assert sample("parallama_operator_reconcile_total", result="ok") > ok_before
+    assert sample("parallama_operator_planned_slots", namespace="default", name="chat") == plan["numParallel"]
 
 
 async def test_too_big_model_is_unschedulable_without_pods(cluster: Cluster) -> None:
