@@ -48,8 +48,8 @@ def reasons(cluster: Cluster, name: str) -> list[str]:
     return [e.get("reason", "") for e in cluster.events(name)]
 
 
-def sample(name: str, **labels: str) -> float:
-    return REGISTRY.get_sample_value(name, labels) or 0.0
+def sample(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
 
 
 async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, model_url: str) -> None:
