@@ -259,3 +259,19 @@ async def test_deployment_readiness_is_mirrored(cluster: Cluster, model_url: str
     assert status["readyReplicas"] == 1
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["Available"] == "True" and conditions["Progressing"] == "False"
+
+
+async def test_service_monitor_only_when_its_crd_is_served(cluster: Cluster, model_url: str) -> None:
+    await add_gpu_nodes(cluster)
+    spec = {"model": {"uri": model_url}, "monitoring": {"serviceMonitor": True}}
+    async with running_operator():
+        await cluster.create_md("without", spec)
+        await cluster.wait_for(lambda: deployment(cluster, "without"), what="the Deployment")
+        assert cluster.get("monitoring.coreos.com/v1/servicemonitors", "without") is None
+        cluster.emulator.declare_service_monitors()  # the Prometheus operator gets installed
+        await cluster.create_md("with", spec)
+        monitor = await cluster.wait_for(
+            lambda: cluster.get("monitoring.coreos.com/v1/servicemonitors", "with"), what="a ServiceMonitor"
+        )
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["metadata"]["ownerReferences"][0]["uid"] == cluster.md("with")["metadata"]["uid"]
