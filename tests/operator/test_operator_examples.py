@@ -1,0 +1,55 @@
+"""The examples plan the way their comments say, on a cluster with a 1 x L4 and an 8 x L20 node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from harness import gfd_node
+from parallama_operator.planning import compute_plan, model_from_metadata
+from parallama_operator.resources import ModelDeploymentSpec
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+NODES = [gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034), gfd_node("gpu-l20", "NVIDIA-L20", 8, 46068)]
+
+
+def load(name: str) -> ModelDeploymentSpec:
+    return ModelDeploymentSpec.model_validate(yaml.safe_load((EXAMPLES / name).read_text())["spec"])
+
+
+def plan(spec: ModelDeploymentSpec, nodes: list[dict[str, Any]] = NODES) -> Any:
+    model = model_from_metadata(spec)
+    assert model is not None
+    return compute_plan(spec, model, nodes)
+
+
+def test_chat_model_takes_the_small_gpu_with_four_slots() -> None:
+    result = plan(load("chat-llama-8b-1gpu.yaml"))
+    assert result.fits and result.num_parallel == 4
+    assert (result.gpus_per_replica, result.gpu_product) == (1, "NVIDIA-L4")
+
+
+def test_batch_profile_gets_many_slots_on_the_l20() -> None:
+    spec = load("batch-llama-8b-l20.yaml")
+    result = plan(spec)
+    assert result.fits and result.num_parallel >= 8 and result.gpu_product == "NVIDIA-L20"
+    assert result.kv_cache_type.value == "q8_0"
+    # the same request on the L4 alone cannot hold the 8 slots it asks for at least
+    assert not plan(spec, NODES[:1]).fits
+
+
+def test_deepseek_q2_spans_eight_l20s() -> None:
+    spec = load("deepseek-r1-q2-8xl20.yaml")
+    result = plan(spec)
+    assert result.fits and result.gpus_per_replica == 8 and result.gpu_product == "NVIDIA-L20"
+    assert len(result.tensor_split) == 8 and abs(sum(result.tensor_split) - 1) < 1e-3
+    assert result.nodes == ["gpu-l20"]
+    # multi-head latent attention: one row of kvLoraRank + ropeDimensionCount values per token and layer
+    assert result.kv_bytes_per_token == 61 * (512 + 64) * 2
+    assert result.memory.weights_bytes >= 180 * 1024**3
+    # left to itself the planner needs fewer GPUs, but never fewer than the weights demand
+    auto = plan(spec.model_copy(update={"gpu": spec.gpu.model_copy(update={"count": None})}))
+    assert auto.fits and 6 <= auto.gpus_per_replica < 8
+    # and without the 8-GPU node it cannot run at all
+    assert not plan(spec, NODES[:1]).fits
