@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import contextlib
 import ctypes
 import logging
 import os
@@ -269,6 +270,7 @@ class Engine:
         self.eos_text = ""
         self.chat_template: str | None = None
         self.model_description = ""
+        self.n_params = 0
         self.kv_cells_per_slot = config.num_ctx
 
     # ------------------------------------------------------------------ loading
@@ -326,6 +328,7 @@ class Engine:
         self.eos_text = self._piece(self.eos_token_id, special=True).decode("utf-8", "replace")
         template = lib.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None
+        self.n_params = int(lib.llama_model_n_params(model))
         desc = ctypes.create_string_buffer(256)
         lib.llama_model_desc(model, desc, 256)
         self.model_description = desc.value.decode("utf-8", "replace")
@@ -563,10 +566,8 @@ class Engine:
                 for request in cancels:
                     if request.done:
                         continue
-                    try:
+                    with contextlib.suppress(ValueError):
                         self._pending.remove(request)
-                    except ValueError:
-                        pass
                 admitted: list[_Slot] = []
                 for slot in slots:
                     if slot.request is None and self._pending:
@@ -788,10 +789,8 @@ class Engine:
         for item in outbox:
             by_loop.setdefault(item[0].loop, []).append(item)
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
                 loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
 
 
 def _put_all(items: list[tuple[_Request, Event]]) -> None:
