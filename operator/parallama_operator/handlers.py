@@ -325,7 +325,7 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     changed = previous.get("hash") != planned.hash
 
     desired = spec.replicas if plan.fits else 0
-    ready = 0
+    ready = observed = 0
     owner = Owner(name=name, namespace=namespace, uid=uid)
     if plan.fits:
         monitors = spec.monitoring.service_monitor and await _service_monitors_available(client)
@@ -335,7 +335,9 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
                 owner, spec, planned, service_monitor_available=monitors, default_image=STATE.default_image
             )
         ]
-        ready = int(((applied[0].get("status") or {}).get("readyReplicas")) or 0)
+        deployment_status = applied[0].get("status") or {}
+        ready = int(deployment_status.get("readyReplicas") or 0)
+        observed = int(deployment_status.get("replicas") or 0)
         if spec.replicas <= 1:
             await _delete_if_owned(client, "policy/v1", "PodDisruptionBudget", namespace, name, uid)
         if not monitors:
@@ -375,7 +377,7 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         "observedGeneration": gen,
         "message": plan.reason,
         "plan": planned.model_dump(by_alias=True),
-        "replicas": desired,
+        "replicas": observed,
         "selector": selector_string(name),
         "endpoint": f"http://{name}.{namespace}.svc:{spec.service.port}" if plan.fits else None,
         "conditions": conditions,
@@ -549,25 +551,32 @@ async def pod_event(
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY_LABEL: MANAGED_BY})
-async def deployment_event(type: str, body: kopf.Body, namespace: str | None, **_: Any) -> None:
-    if type == "DELETED" or STATE.client is None or not namespace:
+async def deployment_event(type: str, body: kopf.Body, namespace: str | None, **kwargs: Any) -> None:
+    """Mirror readiness into status; recreate a Deployment someone deleted (its owner still wants it)."""
+    if STATE.client is None or not namespace:
         return
     owner = (body.get("metadata", {}).get("labels") or {}).get(MODEL_DEPLOYMENT_LABEL)
     if not owner:
         return
     async with STATE.lock_for(namespace, owner):
         md = await _fresh(namespace, owner)
-        if md is None:
+        if md is None or (md.get("metadata") or {}).get("deletionTimestamp"):
             return
         status = md.get("status") or {}
         plan = status.get("plan") or {}
         if not plan.get("fits"):
             return
+        if type == "DELETED":
+            gpu_nodes: kopf.Index[str, dict[str, Any]] = kwargs["gpu_nodes"]
+            await reconcile(md, _inventory(gpu_nodes), trigger="spec")
+            return
         desired = int((body.get("spec") or {}).get("replicas") or 0)
+        observed = int((body.get("status") or {}).get("replicas") or 0)
         ready = int((body.get("status") or {}).get("readyReplicas") or 0)
         degraded = _condition_true(status, "Degraded")
         phase = phase_for(fits=True, desired=desired, ready=ready, degraded=degraded)
-        if status.get("readyReplicas") == ready and status.get("phase") == phase.value:
+        unchanged = status.get("readyReplicas") == ready and status.get("replicas") == observed
+        if unchanged and status.get("phase") == phase.value:
             return
         now = _now()
         conditions = set_condition(status.get("conditions") or [], _available(ready, desired), now)
@@ -576,5 +585,5 @@ async def deployment_event(type: str, body: kopf.Body, namespace: str | None, **
             STATE.kube,
             namespace,
             owner,
-            {"phase": phase.value, "readyReplicas": ready, "replicas": desired, "conditions": conditions},
+            {"phase": phase.value, "readyReplicas": ready, "replicas": observed, "conditions": conditions},
         )

@@ -149,13 +149,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return await super().__call__(raw_request)
 
     async def _idle_stream(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        """A namespace watch that never reports anything; it ends when the client disconnects."""
         response = aiohttp.web.StreamResponse()
         await response.prepare(raw_request)
-        try:
-            while True:
-                await aiohttp.web.asyncio.sleep(3600)  # type: ignore[attr-defined]
-        finally:
-            return response  # noqa: B012  # the client went away: nothing to clean up
+        await asyncio.Event().wait()
+        return response
 
     def _stamp(self, request: rendering.Request) -> None:
         data = request.data

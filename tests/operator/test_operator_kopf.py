@@ -256,7 +256,13 @@ async def test_deployment_readiness_is_mirrored(cluster: Cluster, model_url: str
             {"status": {"replicas": 1, "readyReplicas": 1}},
         )
         status = await cluster.wait_for(lambda: planned(cluster, "chat", "Ready"), what="Ready")
-    assert status["readyReplicas"] == 1
+        # someone deletes the Deployment: the operator puts it back
+        uid = deployment(cluster, "chat")["metadata"]["uid"]
+        await cluster.delete("/apis/apps/v1/namespaces/default/deployments/chat")
+        await cluster.wait_for(
+            lambda: deployment(cluster, "chat")["metadata"]["uid"] != uid, what="a new one"
+        )
+    assert status["readyReplicas"] == 1 and status["replicas"] == 1
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["Available"] == "True" and conditions["Progressing"] == "False"
 
