@@ -181,6 +181,7 @@ def render_table(model: ModelInfo, plan: Plan) -> str:
         f"model      {model.name or model.source} ({model.architecture}, {model.block_count} layers, "
         f"{format_bytes(model.size_bytes)})",
         f"verdict    {'FITS' if plan.fits else 'DOES NOT FIT'}: {plan.reason}",
+        *(f"warning    {note}" for note in plan.warnings),
         f"slots      {plan.num_parallel} x {plan.num_ctx} tokens (KV {plan.kv_cache_type.value}"
         f"{'' if plan.kv_cache_type_v == plan.kv_cache_type else ', V ' + plan.kv_cache_type_v.value}, "
         f"{plan.kv_bytes_per_token} bytes/token, flash attention {'on' if plan.flash_attention else 'off'})",

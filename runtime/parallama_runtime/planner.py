@@ -161,6 +161,8 @@ class Plan(BaseModel):
     shortfall_bytes: int = 0
     closest_node: str | None = None
     reason: str
+    warnings: list[str] = Field(default_factory=list)
+    """Things that fit but deserve a look, e.g. a context beyond what the model was trained for."""
 
 
 def format_bytes(value: float) -> str:
@@ -281,7 +283,9 @@ def _trial(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int, slo
             min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free[:gpus]
         )
         config = _memory_config(request, slots, tuple(max(u, 1) / max(sum(usable), 1) for u in usable))
-    return _Trial(shape, gpus, slots, estimate_memory(model, config), capacities, usable)
+    estimate = estimate_memory(model, config)
+    estimate.extra["model_context_length"] = model.context_length
+    return _Trial(shape, gpus, slots, estimate, capacities, usable)
 
 
 def _best_slots(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int) -> _Trial | None:
@@ -364,6 +368,19 @@ def _devices(trial: _Trial) -> list[DevicePlan]:
     ]
 
 
+def _warnings(estimate: MemoryEstimate, request: PlanRequest) -> list[str]:
+    model_ctx = estimate.extra.get("model_context_length", 0)
+    notes = []
+    if model_ctx and request.num_ctx > model_ctx:
+        notes.append(
+            f"num_ctx {request.num_ctx} exceeds the {model_ctx} tokens the model was trained for; "
+            "llama.cpp allows it but quality degrades past the trained context"
+        )
+    if request.kv_cache_type.is_quantized and not request.flash_attention:
+        notes.append(f"a {request.kv_cache_type.value} V cache needs flash attention: V stays f16")
+    return notes
+
+
 def _plan_from_trial(
     request: PlanRequest, trial: _Trial, *, fits: bool, reason: str, nodes: list[str], shortfall: int = 0
 ) -> Plan:
@@ -390,6 +407,7 @@ def _plan_from_trial(
         shortfall_bytes=shortfall,
         closest_node=None if fits else shape.describe(),
         reason=reason,
+        warnings=_warnings(trial.estimate, request),
     )
 
 

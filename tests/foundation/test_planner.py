@@ -130,3 +130,12 @@ def test_extra_reserve_lowers_the_slot_count() -> None:
 def test_min_above_max_is_rejected() -> None:
     with pytest.raises(ValueError, match="min_parallel 5 exceeds max_parallel 4"):
         PlanRequest(min_parallel=5, max_parallel=4)
+
+
+def test_warnings_for_context_beyond_training_and_quantized_v_without_flash_attention() -> None:
+    plan = make_plan(LLAMA_8B, [L20x8], PlanRequest(num_ctx=262144, kv_cache_type=KVCacheType.Q8_0))
+    assert any("exceeds the 131072 tokens" in w for w in plan.warnings)
+    plain = make_plan(LLAMA_8B, [L4], PlanRequest(kv_cache_type=KVCacheType.Q4_0, flash_attention=False))
+    assert plain.kv_cache_type_v == KVCacheType.F16
+    assert any("needs flash attention" in w for w in plain.warnings)
+    assert make_plan(LLAMA_8B, [L4], PlanRequest()).warnings == []
