@@ -7,6 +7,7 @@ printed precision for K, V and their sum. Weights must be within 1 %, the comput
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -128,3 +129,37 @@ def test_kv_exact_and_compute_within_ten_percent(
     assert measured_compute > 0
     error = (planned.compute_bytes - measured_compute) / measured_compute
     assert abs(error) < 0.10, f"compute buffer off by {error:+.1%}"
+
+
+@pytest.mark.parametrize(("kv_type", "flash_attention"), [("f16", False), ("q8_0", True), ("q4_0", True)])
+def test_kv_bytes_per_token_exact_to_the_byte(
+    loaded: tuple[ModelInfo, Any, list[str]], kv_type: str, flash_attention: bool
+) -> None:
+    """llama.cpp serialises a sequence's cells with their K and V rows: one more token in the cache
+    makes the state grow by exactly the KV bytes of one cell, plus its 12 bytes of cell metadata
+    (position, sequence count, sequence id). That is a byte-exact reading of llama.cpp's row sizes."""
+    info, model, _ = loaded
+    config = MemoryConfig(
+        num_ctx=512, num_parallel=2, kv_cache_type=KVCacheType(kv_type), flash_attention=flash_attention
+    )
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.kv_unified = 1024, 2, False
+    params.flash_attn_type = 1 if flash_attention else 0
+    params.type_k, params.type_v = config.type_k.ggml_type, config.type_v.ggml_type
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    assert ctx
+    try:
+        sizes = []
+        tokens = (llama_cpp.llama_token * 9)(*range(3, 12))
+        for start, count in ((0, 8), (8, 1)):
+            batch = llama_cpp.llama_batch_get_one(
+                ctypes.cast(ctypes.byref(tokens, start * 4), ctypes.POINTER(llama_cpp.llama_token)), count
+            )
+            assert llama_cpp.llama_decode(ctx, batch) == 0
+            sizes.append(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        other_slot = llama_cpp.llama_state_seq_get_size(ctx, 1)
+    finally:
+        llama_cpp.llama_free(ctx)
+    per_token = estimate_memory(info, config).kv_bytes_per_token
+    assert sizes[1] - sizes[0] == per_token + 12
+    assert other_slot < sizes[0] - 7 * per_token, "slot 1 must hold none of slot 0's cells"
