@@ -13,6 +13,7 @@ disconnect; both paths end in ``handle.cancel()``, which frees the slot and its 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata as _metadata
 import json
 import logging
 import time
@@ -24,7 +25,6 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from . import __version__
 from .chat_template import TemplateError, render_chat
 from .engine import (
     Engine,
@@ -43,6 +43,11 @@ __all__ = ["ApiError", "ModelCard", "RuntimeAPI"]
 log = logging.getLogger(__name__)
 
 Dialect = Literal["openai", "ollama"]
+
+try:
+    __version__ = _metadata.version("parallama")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
 
 OLLAMA_VERSION = "0.12.0"
 """The Ollama API version this surface follows (clients check it for feature support)."""
@@ -280,6 +285,7 @@ class RuntimeAPI:
         if body.get("seed") is not None:
             params.seed = int(_number(body["seed"], "seed", integer=True))
         params.stop = _stops(body.get("stop"), "stop")
+        params.ignore_eos = bool(body.get("ignore_eos"))  # llama.cpp server's extension
         return params
 
     def _ollama_params(self, body: Mapping[str, Any]) -> tuple[SamplingParams, list[str]]:
@@ -315,6 +321,7 @@ class RuntimeAPI:
         if options.get("seed") is not None:
             params.seed = int(_number(options["seed"], "options.seed", integer=True))
         params.stop = _stops(options.get("stop"), "options.stop")
+        params.ignore_eos = bool(options.get("ignore_eos") or body.get("ignore_eos"))
         if options.get("num_ctx") is not None and options.get("num_ctx") != self.card.num_ctx:
             notes.append(
                 f"options.num_ctx={options.get('num_ctx')} ignored: slots are allocated at start "

@@ -103,6 +103,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (benchmarks and tests want fixed lengths)."""
 
 
 @dataclass(frozen=True)
@@ -721,7 +723,7 @@ class Engine:
             request.gaps.append(now - request.last_at)
         request.last_at = now
         params = request.params
-        if self._lib.llama_vocab_is_eog(self._vocab, token):
+        if not params.ignore_eos and self._lib.llama_vocab_is_eog(self._vocab, token):
             slot.generated -= 1  # the end-of-generation token is not part of the answer
             self._complete(slot, "stop", outbox)
             return

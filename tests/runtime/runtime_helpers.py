@@ -1,0 +1,44 @@
+"""Helpers shared by the runtime tests (imported as a plain module: tests/ has no packages)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from parallama_runtime import serve
+
+SERVED_NAME = "tiny"
+
+
+def settings_for(model: Path, *extra: str, env: dict[str, str] | None = None) -> serve.ServeSettings:
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args([str(model), "--host", "127.0.0.1", "--port", "0", "--threads", "2", *extra])
+    return serve.resolve_settings(args, env or {})
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The runtime's /metrics as {'name{labels}': value} (labels as printed)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"^(\S+)\s+(\S+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
