@@ -300,8 +300,13 @@ def build_deployment(
         pod_spec["initContainers"] = [_download_container(spec)]
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
-    if spec.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
+    tolerations = [dict(t) for t in spec.tolerations or []]
+    if plan.gpus_per_replica > 0 and not any(t.get("key") == gpu_resource for t in tolerations):
+        # GPU node pools are commonly tainted with the GPU resource name; pods that asked for GPUs
+        # are exactly the ones meant to land there
+        tolerations.append({"key": gpu_resource, "operator": "Exists", "effect": "NoSchedule"})
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
     if spec.affinity:
         pod_spec["affinity"] = dict(spec.affinity)
 

@@ -439,9 +439,14 @@ def _progressing(ready: int, desired: int) -> Condition:
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=10)
 async def reconcile_handler(body: kopf.Body, **kwargs: Any) -> None:
     gpu_nodes: kopf.Index[str, dict[str, Any]] = kwargs["gpu_nodes"]
-    async with STATE.lock_for(body["metadata"]["namespace"], body["metadata"]["name"]):
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    async with STATE.lock_for(namespace, name):
         try:
-            await reconcile(body, _inventory(gpu_nodes), trigger="spec")
+            # re-read under the lock: kopf's body may predate a status written by another handler
+            fresh = await _fresh(namespace, name)
+            if fresh is None:
+                return
+            await reconcile(fresh, _inventory(gpu_nodes), trigger="spec")
         except (TimeoutError, ApiError, OSError) as error:
             metrics.RECONCILES.labels("error").inc()
             raise kopf.TemporaryError(f"API call failed: {error}", delay=10) from error

@@ -101,7 +101,23 @@ def test_user_resources_and_selectors_are_kept() -> None:
     assert resources["requests"] == {"cpu": "2", "memory": "16Gi"}
     assert resources["limits"] == {"memory": "24Gi", "nvidia.com/mig-3g.40gb": "1"}
     assert pod["nodeSelector"] == {"pool": "gpu", "nvidia.com/gpu.product": "NVIDIA-L4"}
-    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "nvidia.com/mig-3g.40gb", "operator": "Exists", "effect": "NoSchedule"},
+    ]
+
+
+def test_gpu_pods_tolerate_the_gpu_taint_unless_told_otherwise() -> None:
+    spec = spec_of()
+    pod = build_deployment(OWNER, spec, plan_for(spec, [L4]))["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    own = spec_of(
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Equal", "value": "l4", "effect": "NoSchedule"}]
+    )
+    pod = build_deployment(OWNER, own, plan_for(own, [L4]))["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "l4", "effect": "NoSchedule"}
+    ]
 
 
 def test_pods_are_hardened() -> None:
