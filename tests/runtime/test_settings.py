@@ -1,0 +1,101 @@
+"""``parallama serve`` settings: flags beat the environment, which beats defaults; bad values say why."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from parallama_runtime.chat_template import FALLBACK_TEMPLATE, TemplateError, render_chat
+from parallama_runtime.memory import KVCacheType
+from parallama_runtime.serve import DEFAULT_PORT, SettingsError, add_arguments, resolve_settings
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+ENV = {
+    "OLLAMA_NUM_PARALLEL": "3",
+    "OLLAMA_CONTEXT_LENGTH": "8192",
+    "OLLAMA_KV_CACHE_TYPE": "q8_0",
+    "OLLAMA_FLASH_ATTENTION": "0",
+    "PARALLAMA_GPU_LAYERS": "0",
+    "PARALLAMA_TENSOR_SPLIT": "0.6,0.4",
+    "PARALLAMA_MODEL": "/models/m.gguf",
+}
+
+
+def test_environment_is_honoured() -> None:
+    s = resolve_settings(_args(), ENV)
+    assert (s.parallel, s.num_ctx, s.kv_cache_type, s.flash_attention) == (3, 8192, KVCacheType.Q8_0, False)
+    assert s.gpu_layers == 0 and s.tensor_split == (0.6, 0.4) and s.model == "/models/m.gguf"
+    assert s.port == DEFAULT_PORT
+    assert any("f16" in note for note in s.notes)  # quantized V needs flash attention
+
+
+def test_flags_beat_environment() -> None:
+    s = resolve_settings(
+        _args(
+            "/x.gguf",
+            "--parallel",
+            "auto",
+            "--num-ctx",
+            "2048",
+            "--kv-cache-type",
+            "q4_0",
+            "--flash-attention",
+            "--gpu-layers",
+            "12",
+            "--tensor-split",
+            "1,1",
+            "--port",
+            "9000",
+        ),
+        ENV,
+    )
+    assert s.parallel is None and s.num_ctx == 2048 and s.kv_cache_type == KVCacheType.Q4_0
+    assert s.flash_attention is True and s.gpu_layers == 12 and s.tensor_split == (1.0, 1.0)
+    assert s.model == "/x.gguf" and s.port == 9000
+
+
+def test_defaults() -> None:
+    s = resolve_settings(_args(), {})
+    assert s.parallel is None and s.num_ctx == 4096 and s.kv_cache_type == KVCacheType.F16
+    assert s.flash_attention and s.gpu_layers == -1 and s.model is None and s.host == "127.0.0.1"
+
+
+def test_ollama_host() -> None:
+    s = resolve_settings(_args(), {"OLLAMA_HOST": "0.0.0.0:8080"})
+    assert (s.host, s.port) == ("0.0.0.0", 8080)
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"OLLAMA_NUM_PARALLEL": "many"}, "integer"),
+        ({"OLLAMA_NUM_PARALLEL": "-1"}, "at least 1"),
+        ({"OLLAMA_KV_CACHE_TYPE": "q3"}, "q3"),
+        ({"OLLAMA_FLASH_ATTENTION": "maybe"}, "boolean"),
+        ({"PARALLAMA_TENSOR_SPLIT": "a,b"}, "comma list"),
+        ({"OLLAMA_CONTEXT_LENGTH": "big"}, "integer"),
+    ],
+)
+def test_bad_values(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(SettingsError, match=fragment):
+        resolve_settings(_args(), env)
+
+
+def test_chat_template_is_sandboxed_and_falls_back() -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat("{{ messages[0]['content'] }}!", messages) == "hi!"
+    evil = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    assert render_chat(evil, messages) == render_chat(FALLBACK_TEMPLATE, messages)
+    assert render_chat(None, messages).endswith("Assistant:")
+    with pytest.raises(TemplateError, match="roles"):
+        render_chat("{{ raise_exception('roles must alternate') }}", messages)
+    with pytest.raises(TemplateError):
+        render_chat(None, [{"content": "no role"}])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+    assert "ab" in render_chat(None, parts)
