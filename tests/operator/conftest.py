@@ -69,3 +69,8 @@ async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
 @pytest.fixture()
 def operator_factory() -> Callable[[], contextlib.AbstractAsyncContextManager[None]]:
     return running_operator
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # kmock 0.8 reads its bundled resource list with a deprecated importlib.resources call
+    config.addinivalue_line("filterwarnings", "ignore:read_binary is deprecated:DeprecationWarning")

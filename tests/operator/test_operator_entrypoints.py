@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
+from harness import Cluster, gfd_node
 from parallama_operator.main import add_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,3 +48,59 @@ def test_operator_arguments() -> None:
     assert args.namespace == ["ai", "ml"] and args.metrics_port == 0 and args.liveness == ""
     defaults = parser.parse_args([])
     assert defaults.namespace == [] and defaults.liveness.endswith("/healthz")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+RUN = (
+    "import argparse, sys\n"
+    "from parallama_operator import main\n"
+    "parser = argparse.ArgumentParser()\n"
+    "main.add_arguments(parser)\n"
+    "sys.exit(main.run(parser.parse_args(sys.argv[1:])))\n"
+)
+
+
+async def test_parallama_operator_serves_metrics_liveness_and_stops_cleanly(
+    cluster: Cluster, model_url: str
+) -> None:
+    """`parallama operator` as cli.py will call it, in its own process."""
+    await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
+    metrics_port, liveness_port = _free_port(), _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "runtime")])}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        RUN,
+        "--metrics-port",
+        str(metrics_port),
+        "--liveness",
+        f"http://127.0.0.1:{liveness_port}/healthz",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.wait_for(
+            lambda: (cluster.md("chat").get("status") or {}).get("plan"),
+            within=30,
+            what="a plan from the subprocess operator",
+        )
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{liveness_port}/healthz") as response:
+                assert response.status == 200
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                text = await response.text()
+        assert 'parallama_operator_reconcile_total{result="ok"} 1.0' in text
+        assert "parallama_operator_reconcile_duration_seconds_bucket" in text
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, output.decode()[-3000:]
