@@ -314,7 +314,7 @@ class Cluster:
             session.request(
                 method,
                 self.url + path,
-                data=None if body is None else __import__("json").dumps(body),
+                data=None if body is None else json.dumps(body),
                 headers={"Content-Type": content_type},
             ) as response,
         ):
@@ -375,16 +375,14 @@ class Cluster:
             await asyncio.sleep(0.1)
 
 
-async def emulator_request(url: str, method: str, path: str, body: Any) -> None:
-    async with aiohttp.ClientSession() as session, session.request(method, url + path, json=body) as response:
-        assert response.status < 400, await response.text()
-
-
 @contextlib.asynccontextmanager
 async def running_operator() -> AsyncIterator[None]:
     """The real operator (every handler of ``parallama_operator``) in this event loop."""
     import kopf
-    import parallama_operator.handlers  # noqa: F401  # registers the handlers (see harness docstring)
+
+    # the handlers module, not the package: this venv's editable install maps parallama_operator as a
+    # namespace package, so its __init__ (which imports the handlers) may not run
+    import parallama_operator.handlers  # noqa: F401
 
     settings = kopf.OperatorSettings()
     settings.scanning.disabled = True  # no CRD/namespace scanning against the emulator
