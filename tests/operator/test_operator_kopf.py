@@ -87,12 +87,23 @@ async def test_too_big_model_is_unschedulable_without_pods(cluster: Cluster) -> 
             lambda: planned(cluster, "huge", "Unschedulable"), what="Unschedulable"
         )
         await cluster.wait_for(lambda: "Unschedulable" in reasons(cluster, "huge"), what="an event")
-    assert status["plan"]["shortfallBytes"] > 0 and not status["plan"]["fits"]
-    assert "lacks" in status["message"] and "8 x NVIDIA-L20" in status["message"]
-    assert status["replicas"] == 0
-    assert deployment(cluster, "huge") is None
-    (event,) = [e for e in cluster.events("huge") if e.get("reason") == "Unschedulable"]
-    assert event["type"] == "Warning" and "lacks" in event["message"]
+        assert status["plan"]["shortfallBytes"] > 0 and not status["plan"]["fits"]
+        assert "lacks" in status["message"] and "8 x NVIDIA-L20" in status["message"]
+        assert status["replicas"] == 0
+        assert deployment(cluster, "huge") is None
+        (event,) = [e for e in cluster.events("huge") if e.get("reason") == "Unschedulable"]
+        assert event["type"] == "Warning" and "lacks" in event["message"]
+
+        # a node big enough joins: the model is planned and deployed there
+        await cluster.add_node(gfd_node("gpu-b200", "NVIDIA-B200", 8, 183359))
+        dep = await cluster.wait_for(
+            lambda: deployment(cluster, "huge"), what="a Deployment on the B200 node"
+        )
+    status = cluster.md("huge")["status"]
+    assert status["plan"]["fits"] and status["plan"]["gpuProduct"] == "NVIDIA-B200"
+    assert dep["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == str(
+        status["plan"]["gpusPerReplica"]
+    )
 
 
 async def test_invalid_spec_is_reported_and_the_operator_keeps_working(
