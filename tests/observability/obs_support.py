@@ -31,6 +31,7 @@ DASHBOARD = CHART / "dashboards" / "parallama.json"
 METRIC = re.compile(r"\b(parallama_[a-z0-9_]+)\b")
 GPU_PREFIX = "parallama_gpu_"
 OPERATOR_PREFIX = "parallama_operator_"
+GPU_ROW = "GPU"
 PROMETHEUS = "/usr/bin/prometheus"
 
 # Target labels the local Prometheus attaches, as prometheus-operator would: `job` is the runtime
@@ -100,11 +101,15 @@ class Runtime:
 def send_completions(runtime: Runtime, count: int = 4) -> list[dict[str, Any]]:
     """A few concurrent POST /v1/completions, so both slots, the queue and every histogram see traffic."""
 
+    status, listing = http_get(f"{runtime.url}/v1/models")
+    assert status == 200, listing
+    model = str(json.loads(listing)["data"][0]["id"])
+
     def one(index: int) -> dict[str, Any]:
         status, body = http_post_json(
             f"{runtime.url}/v1/completions",
             {
-                "model": "demo",
+                "model": model,
                 "prompt": f"Request {index}: once upon a time",
                 "max_tokens": 12,
                 "temperature": 0,
@@ -149,6 +154,7 @@ class Prometheus:
 
 @dataclass(frozen=True)
 class PanelQuery:
+    row: str
     panel: str
     ref_id: str
     expr: str
@@ -159,7 +165,8 @@ class PanelQuery:
 
     @property
     def needs_gpu(self) -> bool:
-        return any(name.startswith(GPU_PREFIX) for name in self.metrics)
+        """GPU series (and NVML's per-process memory) are absent without an NVIDIA GPU."""
+        return self.row.startswith(GPU_ROW) or any(name.startswith(GPU_PREFIX) for name in self.metrics)
 
 
 def load_dashboard() -> dict[str, Any]:
@@ -177,11 +184,16 @@ def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
-    return [
-        PanelQuery(panel["title"], target["refId"], target["expr"])
-        for panel in panels(dashboard)
-        for target in panel.get("targets", [])
-    ]
+    """Every target of every panel, with the title of the row it sits under."""
+    queries: list[PanelQuery] = []
+    row = ""
+    for panel in dashboard["panels"]:
+        if panel["type"] == "row":
+            row = panel["title"]
+        for child in [panel, *panel.get("panels", [])]:
+            for target in child.get("targets", []):
+                queries.append(PanelQuery(row, child["title"], target["refId"], target["expr"]))
+    return queries
 
 
 def variable_queries(dashboard: dict[str, Any]) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """The Grafana dashboard and the alert rules against the metrics that really exist.
 
 * runtime names: the /metrics output of a running `parallama serve` (demo model, no GPU);
-* GPU names (absent without a GPU): the runtime's telemetry collectors' own descriptions;
+* GPU names (absent without a GPU): the runtime's own metrics code fed by its NVML sampler over a fake NVML;
 * operator names: the collectors in parallama_operator.metrics;
 * every non-GPU panel query: run against a real Prometheus scraping the runtime and the operator's registry.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -36,7 +37,6 @@ from obs_support import (
     variable_queries,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 VARIABLES = {
     "datasource": "prometheus",
@@ -130,8 +130,8 @@ def test_runtime_names_exist_in_real_metrics_output(runtime: Runtime) -> None:
 
 
 def test_memory_components_are_comparable(runtime: Runtime) -> None:
-    """Planned-vs-measured panels and the drift alert compare per `component`: measured components
-    (other than total) must all have a planned counterpart."""
+    """Planned-vs-measured panels and the drift alert compare weights, kv_cache and compute one by one:
+    the runtime must report each of them both planned and measured."""
     components: dict[str, set[str]] = {
         "parallama_memory_planned_bytes": set(),
         "parallama_memory_measured_bytes": set(),
@@ -140,31 +140,94 @@ def test_memory_components_are_comparable(runtime: Runtime) -> None:
         for sample in family.samples:
             if sample.name in components:
                 components[sample.name].add(sample.labels["component"])
+    compared = {"weights", "kv_cache", "compute"}
     planned, measured = components.values()
-    assert {"weights", "kv_cache"} <= planned
-    assert measured, "the runtime reports no measured memory"
-    assert measured - {"total"} <= planned - {"total"}
+    assert compared <= planned
+    assert compared <= measured
+    for query in panel_queries(load_dashboard()):
+        if "parallama_memory_" in query.expr and not query.needs_gpu:
+            assert 'component=~"weights|kv_cache|compute"' in query.expr, query
 
 
-def runtime_gpu_collectors() -> list[Collector]:
-    """The runtime's GPU collectors, as its telemetry module defines them."""
-    try:
-        telemetry = importlib.import_module("parallama_runtime.telemetry")
-    except ImportError as error:
-        pytest.fail(f"parallama_runtime.telemetry is missing ({error})")
-    collectors = telemetry.gpu_collectors()
-    return list(collectors)
+class FakeNvml:
+    """Just enough of pynvml for parallama_runtime.telemetry.NvmlSampler: two GPUs, one process."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        return index
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        return b"NVIDIA L4"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(gpu=50 + handle, memory=10)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        return SimpleNamespace(used=(10 + handle) * 2**30, total=24 * 2**30, free=(14 - handle) * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
+        return 70_000  # milliwatts
+
+    def nvmlDeviceGetTemperature(self, handle: int, sensor: int) -> int:
+        return 60
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=self.pid, usedGpuMemory=9 * 2**30)]
 
 
-def test_gpu_names_are_defined_by_the_runtime_telemetry() -> None:
-    defined: set[str] = set()
-    for collector in runtime_gpu_collectors():
-        describe = getattr(collector, "describe", None)
-        assert describe is not None, f"{collector!r} cannot describe itself"
-        defined |= family_sample_names(describe())
+def gpu_exposition() -> str:
+    """/metrics text of the runtime's real metrics code fed by its real NVML sampler over a fake NVML:
+    the GPU series' names come from the code that emits them, not from reading its source."""
+    telemetry = importlib.import_module("parallama_runtime.telemetry")
+    metrics = importlib.import_module("parallama_runtime.metrics")
+    sampler = telemetry.NvmlSampler(nvml=FakeNvml(pid=12345), pid=12345)
+    samples = sampler.sample()
+    assert len(samples) == 2
+    runtime_metrics = metrics.RuntimeMetrics()
+    runtime_metrics.bind(lambda: None, sampler.samples)
+    text: str = runtime_metrics.render().decode()
+    return text
+
+
+def test_gpu_names_exist_in_the_runtime_gpu_exposition() -> None:
+    text = gpu_exposition()
+    exposed = exposition_sample_names(text)
+    gpu_queries = [q for q in panel_queries(load_dashboard()) if q.needs_gpu]
+    assert gpu_queries, "the dashboard has no GPU panels"
+    checked_live = set().union(*(q.metrics for q in panel_queries(load_dashboard()) if not q.needs_gpu))
     wanted = {n for n in all_names() if n.startswith(GPU_PREFIX)}
-    assert wanted
-    assert sorted(wanted - defined) == []
+    for query in gpu_queries:
+        wanted |= query.metrics - checked_live  # the rest is checked against the live runtime
+    assert {"parallama_gpu_utilization_ratio", "parallama_gpu_memory_used_bytes"} <= wanted
+    assert sorted(wanted - exposed) == []
+    gpus = {
+        sample.labels["gpu"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "parallama_gpu_memory_total_bytes"
+    }
+    assert gpus == {"0", "1"}, "one series per GPU, labelled gpu"
+    assert 'parallama_memory_measured_bytes{component="process"' in text, (
+        "the process panel reads this series"
+    )
+
+
+def test_gpu_series_are_absent_without_gpus() -> None:
+    """Why the live test skips GPU panels: no GPU, no series (absent, not zero)."""
+    metrics = importlib.import_module("parallama_runtime.metrics")
+    runtime_metrics = metrics.RuntimeMetrics()
+    runtime_metrics.bind(lambda: None, lambda: [])
+    assert GPU_PREFIX not in runtime_metrics.render().decode()
 
 
 def test_operator_names_exist_in_operator_registry() -> None:
