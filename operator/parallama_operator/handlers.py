@@ -90,6 +90,28 @@ class OperatorState:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     model_locks: dict[tuple[str, str | None], asyncio.Lock] = field(default_factory=dict)
 
+    inventory_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def bump_inventory(self) -> None:
+        """Wake every waiting daemon: set this generation's event and start a new one."""
+        self.inventory_version += 1
+        self.inventory_changed.set()
+        self.inventory_changed = asyncio.Event()
+
+    async def wait_inventory_change(self, seen: int, stopped: kopf.DaemonStopped, *, within: float) -> None:
+        """Until the inventory moves past ``seen``, the daemon is stopped, or ``within`` seconds pass."""
+        if self.inventory_version != seen or stopped:
+            return
+        waiters = {
+            asyncio.ensure_future(self.inventory_changed.wait()),
+            asyncio.ensure_future(stopped.wait()),
+        }
+        try:
+            await asyncio.wait(waiters, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
     def lock_for(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
 
@@ -173,10 +195,10 @@ def node_changed(type: str, name: str, body: kopf.Body, **_: Any) -> None:
     trimmed = trim_node(body)
     if type == "DELETED":
         if STATE.nodes_seen.pop(name, None) is not None:
-            STATE.inventory_version += 1
+            STATE.bump_inventory()
     elif STATE.nodes_seen.get(name) != trimmed:
         STATE.nodes_seen[name] = trimmed
-        STATE.inventory_version += 1
+        STATE.bump_inventory()
 
 
 def _inventory(index: kopf.Index[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -470,16 +492,17 @@ async def replanner(
     seen = STATE.inventory_version
     last_run = time.monotonic()
     while not stopped:
-        await stopped.wait(0.25)
+        remaining = STATE.resync_seconds - (time.monotonic() - last_run)
+        await STATE.wait_inventory_change(seen, stopped, within=max(remaining, 0.0))
         if stopped:
             return
         resync = time.monotonic() - last_run >= STATE.resync_seconds
         if STATE.inventory_version == seen and not resync:
             continue
-        # debounce: a node pool scaling up sends a burst; plan once it is quiet
+        # debounce: a node pool scaling up sends a burst; plan once it has been quiet for a while
         while not resync and not stopped:
             version = STATE.inventory_version
-            await stopped.wait(STATE.debounce_seconds)
+            await STATE.wait_inventory_change(version, stopped, within=STATE.debounce_seconds)
             if STATE.inventory_version == version:
                 break
         if stopped:
