@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,3 +169,46 @@ def check_runtime_final_stage(final: Stage) -> None:
     assert exec_form(final.all("ENTRYPOINT")[-1]) == ["parallama", "serve"]
     assert any("/models" in volume for volume in final.all("VOLUME"))
     assert any("mkdir -p /models" in run and "chown 10001" in run for run in final.all("RUN"))
+
+
+def image_env(stage: Stage) -> dict[str, str]:
+    """ENV of a stage (KEY=VALUE form, values unquoted)."""
+    env: dict[str, str] = {}
+    for args in stage.all("ENV"):
+        for item in shlex.split(args):
+            key, sep, value = item.partition("=")
+            assert sep, f"ENV {args!r}: use KEY=VALUE"
+            env[key] = value
+    return env
+
+
+@pytest.mark.parametrize("path", [RUNTIME, RUNTIME_CPU], ids=lambda p: str(p.relative_to(REPO)))
+def test_runtime_image_listens_on_the_exposed_port_for_everyone(path: Path) -> None:
+    """`parallama serve` as the image starts it (no flags, the image's ENV) binds 0.0.0.0 on EXPOSE's port."""
+    try:
+        from parallama_runtime import serve
+    except ImportError as error:
+        pytest.fail(f"parallama_runtime.serve is missing ({error})")
+    final = parse(path)[-1]
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    settings = serve.resolve_settings(parser.parse_args([]), env=image_env(final))
+    assert settings.host == "0.0.0.0"
+    assert str(settings.port) in " ".join(final.all("EXPOSE")).split()
+    assert settings.model is None, "the image must not point at a model that is not mounted"
+
+
+def test_operator_image_command_is_accepted_by_the_operator() -> None:
+    try:
+        from parallama_operator import main
+    except ImportError as error:
+        pytest.fail(f"parallama_operator.main is missing ({error})")
+    final = parse(OPERATOR)[-1]
+    command = exec_form(final.all("ENTRYPOINT")[-1]) + exec_form(final.all("CMD")[-1])
+    assert command[:2] == ["parallama", "operator"]
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    main.add_arguments(parser)
+    args, unknown = parser.parse_known_args(command[2:])
+    assert unknown == []
+    assert args.liveness == "http://0.0.0.0:8080/healthz"
+    assert {str(args.metrics_port), "8080"} <= set(" ".join(final.all("EXPOSE")).split())
