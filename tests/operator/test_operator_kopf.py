@@ -292,3 +292,28 @@ async def test_service_monitor_only_when_its_crd_is_served(cluster: Cluster, mod
         )
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
     assert monitor["metadata"]["ownerReferences"][0]["uid"] == cluster.md("with")["metadata"]["uid"]
+
+
+async def test_spec_changes_are_applied(cluster: Cluster, model_url: str) -> None:
+    await add_gpu_nodes(cluster)
+    async with running_operator():
+        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
+        await cluster.patch(f"{MD_PATH}/chat", {"spec": {"parallelism": {"numParallel": 2}, "replicas": 3}})
+        dep = await cluster.wait_for(
+            lambda: (d := deployment(cluster, "chat")) and env(d)["OLLAMA_NUM_PARALLEL"] == "2" and d,
+            what="two slots",
+        )
+        await cluster.wait_for(lambda: cluster.get("policy/v1/poddisruptionbudgets", "chat"), what="a PDB")
+        status = await cluster.wait_for(
+            lambda: (s := planned(cluster, "chat")) and s.get("observedGeneration") == 2 and s,
+            what="generation 2",
+        )
+        # back to one replica: the PDB goes (one pod cannot tolerate a disruption anyway)
+        await cluster.patch(f"{MD_PATH}/chat", {"spec": {"replicas": 1}})
+        await cluster.wait_for(
+            lambda: cluster.get("policy/v1/poddisruptionbudgets", "chat") is None, what="no PDB"
+        )
+    assert dep["spec"]["replicas"] == 3
+    assert status["plan"]["numParallel"] == 2 and "as requested" in status["plan"]["reason"]
+    assert reasons(cluster, "chat").count("Planned") == 2  # the first plan and the changed one
