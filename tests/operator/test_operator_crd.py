@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from parallama_operator.crd import crd_manifest, crd_yaml
@@ -46,6 +47,10 @@ METADATA = {
 
 def test_committed_yaml_is_what_the_models_generate() -> None:
     assert CRD_FILE.read_text() == crd_yaml(), "run: python -m parallama_operator.crd > " + str(CRD_FILE)
+
+
+def test_crd_is_a_valid_apiextensions_object() -> None:
+    kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), "1.33", strict=True)
 
 
 def test_identity_subresources_and_columns() -> None:
