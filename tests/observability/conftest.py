@@ -3,7 +3,6 @@ registry served over HTTP, and /usr/bin/prometheus scraping both (loopback only,
 
 from __future__ import annotations
 
-import importlib
 import os
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from obs_support import (
+    OPERATOR_EXPORTER,
     OPERATOR_JOB,
     OPERATOR_NAMESPACE,
     PROMETHEUS,
@@ -74,27 +74,39 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
 
 
 @pytest.fixture(scope="session")
-def operator_exporter() -> Iterator[OperatorExporter]:
-    """The operator's real collectors (parallama_operator.metrics, default registry) served over HTTP,
-    with a few synthetic observations of the kind a reconcile records (no cluster here)."""
-    from prometheus_client import REGISTRY, start_http_server
-
-    metrics = importlib.import_module("parallama_operator.metrics")
-    metrics.RECONCILES.labels(result="ok").inc(3)
-    metrics.RECONCILES.labels(result="error").inc()
-    metrics.RECONCILE_SECONDS.observe(0.12)
-    metrics.RECONCILE_SECONDS.observe(0.4)
-    metrics.PLANS.labels(fits="true").inc(2)
-    metrics.PLANNED_SLOTS.labels(namespace=RUNTIME_NAMESPACE, name=RUNTIME_JOB).set(2)
-    metrics.PLANNED_GPUS.labels(namespace=RUNTIME_NAMESPACE, name=RUNTIME_JOB).set(1)
+def operator_exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorExporter]:
+    """The operator's real collectors (parallama_operator.metrics, default registry) served over HTTP
+    from a child process, with a few synthetic observations of the kind a reconcile records (there is
+    no cluster here). A child process keeps those observations out of this test process's registry."""
     port = free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=REGISTRY)
+    script = OPERATOR_EXPORTER.format(port=port, namespace=RUNTIME_NAMESPACE, name=RUNTIME_JOB)
+    log = tmp_path_factory.mktemp("operator") / "exporter.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=sink, stderr=subprocess.STDOUT, cwd=REPO
+        )
+    exporter = OperatorExporter(f"http://127.0.0.1:{port}", port)
     try:
-        yield OperatorExporter(f"http://127.0.0.1:{port}", port)
+        deadline = time.monotonic() + 30
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"the operator metrics exporter exited:\n{log.read_text()[-4000:]}")
+            try:
+                if http_get(f"{exporter.url}/metrics", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the operator metrics exporter did not answer:\n{log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        yield exporter
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

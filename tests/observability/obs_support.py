@@ -48,6 +48,24 @@ RUNTIME_START = (
 )
 
 
+# The operator's own collectors, observed the way a reconcile does, served on 127.0.0.1:{port}.
+OPERATOR_EXPORTER = """
+import time
+from prometheus_client import start_http_server
+from parallama_operator import metrics
+metrics.RECONCILES.labels(result="ok").inc(3)
+metrics.RECONCILES.labels(result="error").inc()
+metrics.RECONCILE_SECONDS.observe(0.12)
+metrics.RECONCILE_SECONDS.observe(0.4)
+metrics.PLANS.labels(fits="true").inc(2)
+metrics.PLANNED_SLOTS.labels(namespace="{namespace}", name="{name}").set(2)
+metrics.PLANNED_GPUS.labels(namespace="{namespace}", name="{name}").set(1)
+start_http_server({port}, addr="127.0.0.1")
+while True:
+    time.sleep(3600)
+"""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
