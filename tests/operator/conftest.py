@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import aiohttp.web
@@ -21,18 +22,40 @@ def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model(tmp_path_factory.mktemp("models") / "demo.gguf", DEMO_SHAPE)
 
 
-@pytest_asyncio.fixture()
-async def model_url(gguf_path: Path) -> AsyncIterator[str]:
+class ModelServer:
     """Serves the demo GGUF over HTTP; aiohttp's file responses honour Range requests."""
-    app = aiohttp.web.Application()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ranges: list[str | None] = []
+
+
+@pytest_asyncio.fixture()
+async def model_server(gguf_path: Path) -> AsyncIterator[ModelServer]:
+    server: ModelServer | None = None
+
+    @aiohttp.web.middleware
+    async def record(request: aiohttp.web.Request, handler: Any) -> aiohttp.web.StreamResponse:
+        assert server is not None
+        server.ranges.append(request.headers.get("Range"))
+        response: aiohttp.web.StreamResponse = await handler(request)
+        return response
+
+    app = aiohttp.web.Application(middlewares=[record])
     app.router.add_static("/models/", gguf_path.parent)
     runner = aiohttp.web.AppRunner(app)
     await runner.setup()
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}/models/{gguf_path.name}"
+    server = ModelServer(f"http://127.0.0.1:{port}/models/{gguf_path.name}")
+    yield server
     await runner.cleanup()
+
+
+@pytest.fixture()
+def model_url(model_server: ModelServer) -> str:
+    return model_server.url
 
 
 @pytest_asyncio.fixture()

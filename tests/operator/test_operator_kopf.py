@@ -52,11 +52,14 @@ def sample(metric: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(metric, labels) or 0.0
 
 
-async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, model_url: str) -> None:
+async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, model_server: Any) -> None:
     ok_before = sample("parallama_operator_reconcile_total", result="ok")
+    model_url = model_server.url
     await add_gpu_nodes(cluster)
     async with running_operator():
         await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.create_md("chat-too", {"model": {"uri": model_url}})
+        await cluster.wait_for(lambda: planned(cluster, "chat-too"), what="a plan for the second one")
         status = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
         dep = await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
         await cluster.wait_for(lambda: "Planned" in reasons(cluster, "chat"), what="a Planned event")
@@ -76,6 +79,9 @@ async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, mo
     assert conditions["Planned"]["status"] == "True" and conditions["Progressing"]["status"] == "True"
     assert status["endpoint"] == "http://chat.default.svc:11434"
     assert sample("parallama_operator_reconcile_total", result="ok") > ok_before
+    # only the header was read, with Range requests, once for both resources (cached by URI + sha256)
+    assert model_server.ranges and all(r and r.startswith("bytes=0-") for r in model_server.ranges)
+    assert len(model_server.ranges) == 1
     assert sample("parallama_operator_planned_slots", namespace="default", name="chat") == plan["numParallel"]
 
 
