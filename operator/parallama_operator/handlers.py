@@ -400,12 +400,11 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         "message": plan.reason,
         "plan": planned.model_dump(by_alias=True),
         "replicas": observed,
+        "readyReplicas": ready,
         "selector": selector_string(name),
         "endpoint": f"http://{name}.{namespace}.svc:{spec.service.port}" if plan.fits else None,
         "conditions": conditions,
     }
-    if plan.fits:
-        new_status["readyReplicas"] = ready
     await _patch_status(client, namespace, name, new_status)
 
     metrics.PLANNED_SLOTS.labels(namespace, name).set(plan.num_parallel if plan.fits else 0)
