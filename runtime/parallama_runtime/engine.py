@@ -745,8 +745,7 @@ class Engine:
             hold = _held_back(text, params.stop)
             slot.pending_text = text[len(text) - hold :] if hold else ""
             text = text[: len(text) - hold]
-        if text:
-            outbox.append((request, TextChunk(text)))
+        outbox.append((request, TextChunk(text)))  # even empty: one chunk per token keeps TTFT honest
         if slot.generated >= params.max_tokens or slot.n_past >= self.config.num_ctx:
             self._complete(slot, "length", outbox)
             return

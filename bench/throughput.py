@@ -1,0 +1,372 @@
+"""Throughput and latency of parallama's slots against llama.cpp's own ceiling and the stock server.
+
+For every slot count N in --slots (default 1 2 4 8), with 2N concurrent streaming clients:
+
+* ``parallama``: ``parallama serve --parallel N`` (a subprocess), clients on /v1/completions;
+* ``stock``: ``python -m llama_cpp.server`` (llama-cpp-python's server, one sequence at a time),
+  same clients, same context per request, same threads;
+* ``bare``: a loop of ``llama_decode`` over N sequences in this process, no HTTP and no sampling,
+  one token per sequence per step: the ceiling the runtime's batch loop is measured against.
+
+Everything runs on one generated ~100M-parameter llama (``demo_model.BENCH_SHAPE`` with a 32000
+token vocabulary), with the same thread count. Not part of CI: it takes minutes.
+
+    .venv/bin/python bench/throughput.py --tokens 48 --slots 1 2 4 8
+
+Writes bench/out/results.json and bench/out/throughput.png and prints a ratio table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent
+OUT = ROOT / "out"
+PROMPT = "Benchmark prompt: the quick brown fox jumps over the lazy dog. " * 2
+
+
+def bench_model() -> Path:
+    from parallama_runtime.demo_model import BENCH_SHAPE, cached_demo_model
+
+    shape = dataclasses.replace(BENCH_SHAPE, vocab_size=32000, name="parallama-bench-100m-v32k")
+    return cached_demo_model(shape)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+def start_parallama(
+    model: Path, slots: int, num_ctx: int, threads: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    code = (
+        "import argparse, logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from parallama_runtime import serve\n"
+        "p = argparse.ArgumentParser(); serve.add_arguments(p)\n"
+        "sys.exit(serve.run(p.parse_args(sys.argv[1:])))\n"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        code,
+        str(model),
+        "--parallel",
+        str(slots),
+        "--num-ctx",
+        str(num_ctx),
+        "--threads",
+        str(threads),
+        "--port",
+        str(port),
+        "--max-queue",
+        "256",
+        "--served-name",
+        "bench",
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/readyz", process)
+    return process, url
+
+
+def start_stock(model: Path, num_ctx: int, threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model),
+        "--n_ctx",
+        str(num_ctx),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--flash_attn",
+        "true",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--verbose",
+        "false",
+        "--interrupt_requests",
+        "false",
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/v1/models", process)
+    return process, url
+
+
+async def one_request(
+    session: aiohttp.ClientSession, url: str, tokens: int, extra: dict[str, Any]
+) -> dict[str, float]:
+    body = {
+        "model": "bench",
+        "prompt": PROMPT,
+        "max_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+    start = time.perf_counter()
+    first = 0.0
+    chunks = 0
+    usage_tokens = 0
+    async with session.post(url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            payload = json.loads(line[6:])
+            if payload.get("usage"):
+                usage_tokens = int(payload["usage"]["completion_tokens"])
+            if payload.get("choices"):
+                if not first:
+                    first = time.perf_counter()
+                chunks += 1
+    end = time.perf_counter()
+    return {"tokens": float(usage_tokens or chunks), "ttft": (first or end) - start, "latency": end - start}
+
+
+async def drive(
+    url: str, clients: int, requests_each: int, tokens: int, extra: dict[str, Any]
+) -> dict[str, float]:
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await one_request(session, url, 4, extra)  # warm-up
+
+        async def client() -> list[dict[str, float]]:
+            return [await one_request(session, url, tokens, extra) for _ in range(requests_each)]
+
+        start = time.perf_counter()
+        results = [r for batch in await asyncio.gather(*(client() for _ in range(clients))) for r in batch]
+        wall = time.perf_counter() - start
+    generated = sum(r["tokens"] for r in results)
+    return {
+        "tokens_per_second": generated / wall,
+        "ttft_p50": statistics.median(r["ttft"] for r in results),
+        "latency_p50": statistics.median(r["latency"] for r in results),
+        "generated": generated,
+        "wall": wall,
+    }
+
+
+def bare_decode(model: Path, slots: int, num_ctx: int, threads: int, steps: int) -> dict[str, float]:
+    """The ceiling: N sequences, one token each per llama_decode, nothing else."""
+    import llama_cpp as lib
+    from parallama_runtime.llama_log import LlamaLogCapture
+
+    LlamaLogCapture.install()  # keep llama.cpp's log off the terminal
+    lib.llama_backend_init()
+    mparams = lib.llama_model_default_params()
+    handle = lib.llama_model_load_from_file(str(model).encode(), mparams)
+    cparams = lib.llama_context_default_params()
+    cparams.n_ctx = num_ctx * slots
+    cparams.n_batch = cparams.n_ubatch = 512
+    cparams.n_seq_max = slots
+    cparams.n_threads = cparams.n_threads_batch = threads
+    cparams.kv_unified = False
+    cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    ctx = lib.llama_init_from_model(handle, cparams)
+    vocab = lib.llama_model_get_vocab(handle)
+    text = PROMPT.encode()
+    buf = (lib.llama_token * 512)()
+    n_prompt = lib.llama_tokenize(vocab, text, len(text), buf, 512, True, True)
+    prompt = list(buf[:n_prompt])
+    batch = lib.llama_batch_init(512, 0, 1)
+    try:
+        for seq in range(slots):  # prefill, untimed (the servers' TTFT covers prompts)
+            for i, token in enumerate(prompt):
+                batch.token[i] = token
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = i == len(prompt) - 1
+            batch.n_tokens = len(prompt)
+            assert lib.llama_decode(ctx, batch) == 0
+        for step in range(4):  # warm-up: page the weights in, spin the thread pool up
+            for seq in range(slots):
+                batch.token[seq] = 300 + step
+                batch.pos[seq] = len(prompt) + step
+                batch.n_seq_id[seq] = 1
+                batch.seq_id[seq][0] = seq
+                batch.logits[seq] = 1
+            batch.n_tokens = slots
+            assert lib.llama_decode(ctx, batch) == 0
+        start = time.perf_counter()
+        for step in range(4, 4 + steps):
+            for seq in range(slots):
+                batch.token[seq] = 300 + (step + seq) % 90
+                batch.pos[seq] = len(prompt) + step
+                batch.n_seq_id[seq] = 1
+                batch.seq_id[seq][0] = seq
+                batch.logits[seq] = 1
+            batch.n_tokens = slots
+            assert lib.llama_decode(ctx, batch) == 0
+            lib.llama_get_logits_ith(ctx, 0)
+        wall = time.perf_counter() - start
+    finally:
+        lib.llama_batch_free(batch)
+        lib.llama_free(ctx)
+        lib.llama_model_free(handle)
+    ctypes.pythonapi  # noqa: B018 - keep ctypes imported for the bindings
+    return {"tokens_per_second": slots * steps / wall, "wall": wall, "generated": float(slots * steps)}
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    slots = [r["slots"] for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(
+        slots, [r["bare"]["tokens_per_second"] for r in results], "k--o", label="bare llama_decode (ceiling)"
+    )
+    left.plot(slots, [r["parallama"]["tokens_per_second"] for r in results], "b-o", label="parallama")
+    if all("stock" in r for r in results):
+        left.plot(slots, [r["stock"]["tokens_per_second"] for r in results], "r-o", label="llama_cpp.server")
+    left.set(xlabel="slots (clients = 2 x slots)", ylabel="generated tokens/s", title="Aggregate throughput")
+    left.set_xscale("log", base=2)
+    left.legend()
+    right.plot(slots, [r["parallama"]["ttft_p50"] for r in results], "b-o", label="parallama")
+    if all("stock" in r for r in results):
+        right.plot(slots, [r["stock"]["ttft_p50"] for r in results], "r-o", label="llama_cpp.server")
+    right.set(xlabel="slots (clients = 2 x slots)", ylabel="seconds", title="Time to first token (median)")
+    right.set_xscale("log", base=2)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slots", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--tokens", type=int, default=48, help="tokens generated per request")
+    parser.add_argument("--requests", type=int, default=1, help="requests per client")
+    parser.add_argument("--num-ctx", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best one counts")
+    parser.add_argument("--no-stock", action="store_true", help="skip llama_cpp.server")
+    parser.add_argument("--model", type=Path, help="GGUF to use (default: the generated ~100M bench model)")
+    args = parser.parse_args()
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    model = args.model or bench_model()
+    print(
+        f"model {model} ({model.stat().st_size / 2**20:.0f} MiB), threads {args.threads}, "
+        f"{args.tokens} tokens/request, {args.requests} request(s)/client",
+        flush=True,
+    )
+    results: list[dict[str, Any]] = []
+    for slots in args.slots:
+        clients = 2 * slots
+        row: dict[str, Any] = {"slots": slots, "clients": clients}
+        steps = args.tokens * args.requests * 2  # each sequence decodes as many tokens as two clients ask
+        best = max
+        row["bare"] = best(
+            (bare_decode(model, slots, args.num_ctx, args.threads, steps) for _ in range(args.repeat)),
+            key=lambda r: r["tokens_per_second"],
+        )
+        process, url = start_parallama(model, slots, args.num_ctx, args.threads)
+        try:
+            row["parallama"] = best(
+                (
+                    asyncio.run(drive(url, clients, args.requests, args.tokens, {"ignore_eos": True}))
+                    for _ in range(args.repeat)
+                ),
+                key=lambda r: r["tokens_per_second"],
+            )
+        finally:
+            stop(process)
+        if not args.no_stock:
+            process, url = start_stock(model, args.num_ctx, args.threads)
+            try:
+                row["stock"] = best(
+                    (
+                        asyncio.run(drive(url, clients, args.requests, args.tokens, {}))
+                        for _ in range(args.repeat)
+                    ),
+                    key=lambda r: r["tokens_per_second"],
+                )
+            finally:
+                stop(process)
+        row["load_average"] = os.getloadavg()[0]
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    (OUT / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=2)
+    )
+    plot(results, OUT / "throughput.png")
+    header = f"{'slots':>5} {'clients':>7} {'bare tok/s':>10} {'parallama':>10} {'ratio':>6} {'ttft p50':>9}"
+    if not args.no_stock:
+        header += f" {'stock tok/s':>11} {'vs stock':>8} {'stock ttft':>10}"
+    print(header)
+    for row in results:
+        bare, ours = row["bare"]["tokens_per_second"], row["parallama"]["tokens_per_second"]
+        line = (
+            f"{row['slots']:>5} {row['clients']:>7} {bare:>10.1f} {ours:>10.1f} {ours / bare:>6.0%} "
+            f"{row['parallama']['ttft_p50']:>8.2f}s"
+        )
+        if "stock" in row:
+            stock = row["stock"]["tokens_per_second"]
+            line += f" {stock:>11.1f} {ours / stock:>7.1f}x {row['stock']['ttft_p50']:>9.2f}s"
+        print(line)
+    print(f"wrote {OUT / 'results.json'} and {OUT / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
