@@ -35,9 +35,11 @@ class _LiveCollector(Collector):
         self,
         stats: Callable[[], EngineStats | None],
         gpus: Callable[[], Sequence[GpuSample]],
+        measured: Callable[[], dict[tuple[str, str], int]],
     ) -> None:
         self._stats = stats
         self._gpus = gpus
+        self._measured = measured
 
     def collect(self) -> Iterable[Metric]:
         stats = self._stats()
@@ -58,6 +60,18 @@ class _LiveCollector(Collector):
                 "parallama_kv_cache_usage_ratio", "KV cache cells in use over cells allocated", ratio
             )
         samples = list(self._gpus())
+        measured = GaugeMetricFamily(
+            "parallama_memory_measured_bytes",
+            "Memory held per component and device: llama.cpp's buffer reports, and NVML's per-process use",
+            labels=["component", "device"],
+        )
+        for (component, device), value in sorted(self._measured().items()):
+            measured.add_metric([component, device], float(value))
+        for sample in samples:
+            if sample.process_memory_bytes is not None:
+                measured.add_metric(["process", f"gpu{sample.index}"], float(sample.process_memory_bytes))
+        if measured.samples:
+            yield measured
         if not samples:
             return
         families = {
@@ -77,25 +91,14 @@ class _LiveCollector(Collector):
                 "parallama_gpu_temperature_celsius", "GPU temperature (NVML)", labels=["gpu"]
             ),
         }
-        measured = GaugeMetricFamily(
-            "parallama_memory_measured_bytes",
-            "Memory this process holds per component and device (llama.cpp reports, NVML)",
-            labels=["component", "device"],
-        )
-        any_measured = False
         for sample in samples:
             for key, family in families.items():
                 value = getattr(sample, key)
                 if value is not None:
                     family.add_metric([str(sample.index)], float(value))
-            if sample.process_memory_bytes is not None:
-                measured.add_metric(["process", f"gpu{sample.index}"], float(sample.process_memory_bytes))
-                any_measured = True
         for family in families.values():
             if family.samples:
                 yield family
-        if any_measured:
-            yield measured
 
 
 class RuntimeMetrics:
@@ -130,12 +133,8 @@ class RuntimeMetrics:
         self.memory_planned = Gauge(
             "parallama_memory_planned_bytes", "Memory the planner expects", ["component"], registry=r
         )
-        self.memory_measured = Gauge(
-            "parallama_memory_measured_bytes",
-            "Memory llama.cpp reported allocating, per component and device",
-            ["component", "device"],
-            registry=r,
-        )
+        self.measured: dict[tuple[str, str], int] = {}
+        """(component, device) -> bytes from llama.cpp's buffer reports; NVML's are added at scrape."""
         self.model_info = Info("parallama_model", "The served model and its slot configuration", registry=r)
         self._live: _LiveCollector | None = None
 
@@ -145,7 +144,7 @@ class RuntimeMetrics:
         gpus: Callable[[], Sequence[GpuSample]] = lambda: (),
     ) -> None:
         """Attach the live sources read at scrape time (engine stats, GPU samples)."""
-        self._live = _LiveCollector(stats, gpus)
+        self._live = _LiveCollector(stats, gpus, lambda: self.measured)
         self.registry.register(self._live)
 
     def set_model(self, model: str, num_parallel: int, num_ctx: int, kv_cache_type: str) -> None:
@@ -170,8 +169,7 @@ class RuntimeMetrics:
             component = "weights" if report.component == "output" else report.component
             key = (component, report.device)
             totals[key] = totals.get(key, 0) + report.bytes
-        for (component, device), value in totals.items():
-            self.memory_measured.labels(component, device).set(value)
+        self.measured = totals
 
     def count_request(self, api: str, status: int | str) -> None:
         self.requests.labels(api, str(status)).inc()

@@ -155,3 +155,37 @@ def test_registries_are_independent() -> None:
     first.count_request("openai", 200)
     assert 'parallama_requests_total{api="openai",status="200"}' in _series(first)
     assert 'parallama_requests_total{api="openai",status="200"}' not in _series(second)
+
+
+def test_exposition_passes_promtool() -> None:
+    """One family per name (llama.cpp and NVML measured bytes share one), in valid text format."""
+    import shutil
+    import subprocess
+
+    from parallama_runtime.llama_log import BufferReport, ParsedReports
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed")
+    sampler = NvmlSampler(nvml=fake_nvml(), interval_seconds=3600, pid=4242)
+    sampler.start()
+    try:
+        metrics = RuntimeMetrics()
+        metrics.bind(_stats, sampler.samples)
+        metrics.set_measured(
+            ParsedReports(
+                buffers=[BufferReport("weights", "CPU", 6.0), BufferReport("kv_cache", "CUDA0", 1.0)]
+            )
+        )
+        metrics.set_model("tiny", 2, 256, "f16")
+        text = metrics.render()
+    finally:
+        sampler.stop()
+    series = _series(metrics)
+    assert series['parallama_memory_measured_bytes{component="kv_cache",device="CUDA0"}'] == 2**20
+    assert series['parallama_memory_measured_bytes{component="process",device="gpu0"}'] == 3 * 2**30
+    assert text.decode().count("# TYPE parallama_memory_measured_bytes gauge") == 1
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+    problems = [line for line in (checked.stdout + checked.stderr).decode().splitlines() if line.strip()]
+    # design.md fixes the gauge name parallama_slots_total; promtool's lint dislikes "_total" on gauges
+    assert all("parallama_slots_total" in line for line in problems), problems
