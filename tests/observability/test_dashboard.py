@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -101,12 +102,21 @@ def test_dashboard_covers_the_required_signals() -> None:
     assert required - used == set()
 
 
+SELECTOR = re.compile(r"\b(parallama_[a-z0-9_]+)(\{[^}]*\})?")
+
+
 def test_runtime_queries_are_per_model_deployment() -> None:
+    """Every runtime series selector is filtered by the namespace and ModelDeployment variables, every
+    operator selector by the operator namespace; quantiles are computed from buckets by `le`."""
     for query in panel_queries(load_dashboard()):
-        runtime_metrics = {m for m in query.metrics if not m.startswith(OPERATOR_PREFIX)}
-        if runtime_metrics:
-            assert query.expr.count('namespace=~"$namespace"') >= len(runtime_metrics) - 1, query
-            assert 'job=~"$deployment"' in query.expr, query
+        selectors = SELECTOR.findall(query.expr)
+        assert selectors, query
+        for metric, matchers in selectors:
+            if metric.startswith(OPERATOR_PREFIX):
+                assert 'namespace=~"$operator_namespace"' in matchers, (query.panel, metric)
+            else:
+                assert 'namespace=~"$namespace"' in matchers, (query.panel, metric)
+                assert 'job=~"$deployment"' in matchers, (query.panel, metric)
         if "histogram_quantile" in query.expr:
             assert "_bucket" in query.expr and "le)" in query.expr, query
 
