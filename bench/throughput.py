@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import json
 import os
@@ -191,8 +190,14 @@ async def drive(
     }
 
 
-def bare_decode(model: Path, slots: int, num_ctx: int, threads: int, steps: int) -> dict[str, float]:
-    """The ceiling: N sequences, one token each per llama_decode, nothing else."""
+def bare_decode(
+    model: Path, slots: int, num_ctx: int, threads: int, tokens: int, waves: int
+) -> dict[str, float]:
+    """The ceiling: the servers' work without HTTP or sampling, in waves of N sequences.
+
+    Each wave prefills N prompts in one batch, then decodes ``tokens`` steps of one token per
+    sequence, as the runtime does when N requests are admitted together; 2N clients are two waves.
+    """
     import llama_cpp as lib
     from parallama_runtime.llama_log import LlamaLogCapture
 
@@ -208,49 +213,57 @@ def bare_decode(model: Path, slots: int, num_ctx: int, threads: int, steps: int)
     cparams.kv_unified = False
     cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
     ctx = lib.llama_init_from_model(handle, cparams)
+    memory = lib.llama_get_memory(ctx)
     vocab = lib.llama_model_get_vocab(handle)
     text = PROMPT.encode()
     buf = (lib.llama_token * 512)()
     n_prompt = lib.llama_tokenize(vocab, text, len(text), buf, 512, True, True)
     prompt = list(buf[:n_prompt])
     batch = lib.llama_batch_init(512, 0, 1)
-    try:
-        for seq in range(slots):  # prefill, untimed (the servers' TTFT covers prompts)
+
+    def put(index: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        batch.token[index] = token
+        batch.pos[index] = pos
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = seq
+        batch.logits[index] = logits
+
+    def wave(steps: int) -> None:
+        for seq in range(slots):
+            lib.llama_memory_seq_rm(memory, seq, -1, -1)
+        n = 0
+        for seq in range(slots):
             for i, token in enumerate(prompt):
-                batch.token[i] = token
-                batch.pos[i] = i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = i == len(prompt) - 1
-            batch.n_tokens = len(prompt)
-            assert lib.llama_decode(ctx, batch) == 0
-        for step in range(4):  # warm-up: page the weights in, spin the thread pool up
+                if n == 512:
+                    batch.n_tokens = n
+                    assert lib.llama_decode(ctx, batch) == 0
+                    n = 0
+                put(n, token, i, seq, i == len(prompt) - 1)
+                n += 1
+        batch.n_tokens = n
+        assert lib.llama_decode(ctx, batch) == 0
+        for step in range(steps - 1):  # the prefill produced each sequence's first token
             for seq in range(slots):
-                batch.token[seq] = 300 + step
-                batch.pos[seq] = len(prompt) + step
-                batch.n_seq_id[seq] = 1
-                batch.seq_id[seq][0] = seq
-                batch.logits[seq] = 1
-            batch.n_tokens = slots
-            assert lib.llama_decode(ctx, batch) == 0
-        start = time.perf_counter()
-        for step in range(4, 4 + steps):
-            for seq in range(slots):
-                batch.token[seq] = 300 + (step + seq) % 90
-                batch.pos[seq] = len(prompt) + step
-                batch.n_seq_id[seq] = 1
-                batch.seq_id[seq][0] = seq
-                batch.logits[seq] = 1
+                put(seq, 300 + (step + seq) % 90, len(prompt) + step, seq, True)
             batch.n_tokens = slots
             assert lib.llama_decode(ctx, batch) == 0
             lib.llama_get_logits_ith(ctx, 0)
+
+    try:
+        wave(4)  # warm-up: page the weights in, spin the thread pool up
+        start = time.perf_counter()
+        for _ in range(waves):
+            wave(tokens)
         wall = time.perf_counter() - start
     finally:
         lib.llama_batch_free(batch)
         lib.llama_free(ctx)
         lib.llama_model_free(handle)
-    ctypes.pythonapi  # noqa: B018 - keep ctypes imported for the bindings
-    return {"tokens_per_second": slots * steps / wall, "wall": wall, "generated": float(slots * steps)}
+    return {
+        "tokens_per_second": slots * tokens * waves / wall,
+        "wall": wall,
+        "generated": float(slots * tokens * waves),
+    }
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -313,10 +326,12 @@ def main() -> int:
     for slots in args.slots:
         clients = 2 * slots
         row: dict[str, Any] = {"slots": slots, "clients": clients}
-        steps = args.tokens * args.requests * 2  # each sequence decodes as many tokens as two clients ask
         best = max
         row["bare"] = best(
-            (bare_decode(model, slots, args.num_ctx, args.threads, steps) for _ in range(args.repeat)),
+            (
+                bare_decode(model, slots, args.num_ctx, args.threads, args.tokens, 2 * args.requests)
+                for _ in range(args.repeat)
+            ),
             key=lambda r: r["tokens_per_second"],
         )
         process, url = start_parallama(model, slots, args.num_ctx, args.threads)
