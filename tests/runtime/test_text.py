@@ -1,0 +1,61 @@
+"""Text handling: stop sequences end to end, UTF-8 split over byte tokens, held-back partial stops."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+from parallama_runtime.engine import SamplingParams, TextChunk, _held_back, _Request, _Slot
+from parallama_runtime.serve import BackgroundServer
+from runtime_helpers import SERVED_NAME
+
+
+def _complete(server: BackgroundServer, **body: Any) -> dict[str, Any]:
+    payload = {"model": SERVED_NAME, "temperature": 0, "ignore_eos": True, **body}
+    request = urllib.request.Request(server.url + "/v1/completions", data=json.dumps(payload).encode())
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return dict(json.load(response))
+
+
+@pytest.mark.llama
+def test_stop_sequence_cuts_the_text(server: BackgroundServer) -> None:
+    full = _complete(server, prompt="stop test", max_tokens=24)["choices"][0]["text"]
+    candidates = [full[i : i + 2] for i in range(3, len(full) - 2) if "\ufffd" not in full[i : i + 2]]
+    if not candidates:
+        pytest.skip("the random model produced no usable stop string")
+    stop = candidates[0]
+    cut = _complete(server, prompt="stop test", max_tokens=24, stop=[stop])["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.index(stop)]
+
+
+@pytest.mark.llama
+def test_utf8_split_over_byte_tokens_comes_out_whole(server: BackgroundServer) -> None:
+    engine = server.server.engine
+    assert engine is not None
+    tokens = engine.tokenize("é€", add_special=False, parse_special=False)
+    assert len(tokens) == 5  # byte fallback: 2 + 3 byte tokens
+    loop = asyncio.new_event_loop()
+    try:
+        slot = _Slot(99)
+        slot.request = _Request(1, [1], SamplingParams(max_tokens=100), loop)
+        slot.request.submitted_at = slot.request.last_at = time.perf_counter()
+        outbox: list[tuple[Any, Any]] = []
+        for token in tokens:
+            engine._on_token(slot, token, time.perf_counter(), outbox)
+    finally:
+        loop.close()
+    texts = [event.text for _, event in outbox if isinstance(event, TextChunk)]
+    assert len(texts) == 5  # one chunk per token
+    assert texts == ["", "é", "", "", "€"]
+
+
+def test_held_back_tail() -> None:
+    assert _held_back("hello wor", ["world"]) == 3
+    assert _held_back("hello", ["xyz"]) == 0
+    assert _held_back("ab", ["abc", "bq"]) == 2
+    assert _held_back("", ["a"]) == 0
