@@ -38,7 +38,7 @@ def test_utf8_split_over_byte_tokens_comes_out_whole(server: BackgroundServer) -
     engine = server.server.engine
     assert engine is not None
     tokens = engine.tokenize("é€", add_special=False, parse_special=False)
-    assert len(tokens) == 5  # byte fallback: 2 + 3 byte tokens
+    assert len(tokens) >= 5  # byte fallback: 2 + 3 byte tokens (after SentencePiece's space marker)
     loop = asyncio.new_event_loop()
     try:
         slot = _Slot(99)
@@ -50,8 +50,9 @@ def test_utf8_split_over_byte_tokens_comes_out_whole(server: BackgroundServer) -
     finally:
         loop.close()
     texts = [event.text for _, event in outbox if isinstance(event, TextChunk)]
-    assert len(texts) == 5  # one chunk per token
-    assert texts == ["", "é", "", "", "€"]
+    assert len(texts) == len(tokens)  # one chunk per token
+    assert texts[-5:] == ["", "é", "", "", "€"]  # characters only once all their bytes arrived
+    assert "".join(texts).strip() == "é€"
 
 
 def test_held_back_tail() -> None:
