@@ -41,7 +41,8 @@ __all__ = [
     "startup_failure_threshold",
 ]
 
-DEFAULT_RUNTIME_IMAGE = "ghcr.io/parallama/parallama:0.1.0"
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/parallama/parallama-runtime:0.1.0"
+"""The chart's runtime image at its appVersion; the chart passes its own as PARALLAMA_RUNTIME_IMAGE."""
 DEFAULT_OLLAMA_IMAGE = "docker.io/ollama/ollama:0.12.3"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "parallama-operator"
@@ -248,6 +249,7 @@ def build_deployment(
     plan: PlanStatus,
     *,
     default_image: str = DEFAULT_RUNTIME_IMAGE,
+    default_pull_policy: str | None = None,
     replicas: int | None = None,
 ) -> dict[str, Any]:
     """The runtime pods. GPUs per pod = the plan's GPUs per replica, pinned to the planned product."""
@@ -277,8 +279,10 @@ def build_deployment(
         "securityContext": _container_security(),
         **_probes(spec, plan),
     }
-    if spec.image_pull_policy:
-        container["imagePullPolicy"] = spec.image_pull_policy
+    # the operator's default policy (from the chart) only applies to the operator's default image
+    pull_policy = spec.image_pull_policy or (None if spec.image else default_pull_policy)
+    if pull_policy:
+        container["imagePullPolicy"] = pull_policy
     if spec.engine == Engine.OLLAMA:
         container["command"] = ["/bin/sh", "-c", _OLLAMA_SCRIPT]
 
@@ -374,10 +378,13 @@ def build_all(
     *,
     service_monitor_available: bool,
     default_image: str = DEFAULT_RUNTIME_IMAGE,
+    default_pull_policy: str | None = None,
 ) -> list[dict[str, Any]]:
     """Every child a fitting plan needs (an unschedulable plan gets none: see the handlers)."""
     children = [
-        build_deployment(owner, spec, plan, default_image=default_image),
+        build_deployment(
+            owner, spec, plan, default_image=default_image, default_pull_policy=default_pull_policy
+        ),
         build_service(owner, spec),
     ]
     if spec.monitoring.service_monitor and service_monitor_available:

@@ -82,6 +82,7 @@ class OperatorState:
 
     client: KubeClient | None = None
     default_image: str = DEFAULT_RUNTIME_IMAGE
+    default_pull_policy: str | None = None
     debounce_seconds: float = 5.0
     resync_seconds: float = 300.0
     inventory_version: int = 0
@@ -170,6 +171,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     STATE = OperatorState(
         client=KubeClient.from_environment(),
         default_image=os.environ.get("PARALLAMA_RUNTIME_IMAGE", DEFAULT_RUNTIME_IMAGE),
+        default_pull_policy=os.environ.get("PARALLAMA_RUNTIME_IMAGE_PULL_POLICY") or None,
         debounce_seconds=_env_float("PARALLAMA_REPLAN_DEBOUNCE_SECONDS", 5.0),
         resync_seconds=_env_float("PARALLAMA_RESYNC_SECONDS", 300.0),
     )
@@ -354,7 +356,12 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         applied = [
             await apply(client, child, uid)
             for child in build_all(
-                owner, spec, planned, service_monitor_available=monitors, default_image=STATE.default_image
+                owner,
+                spec,
+                planned,
+                service_monitor_available=monitors,
+                default_image=STATE.default_image,
+                default_pull_policy=STATE.default_pull_policy,
             )
         ]
         deployment_status = applied[0].get("status") or {}

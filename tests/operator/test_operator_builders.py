@@ -248,3 +248,20 @@ def test_unfitting_plan_has_no_gpu_selector() -> None:
     assert not plan.fits
     pod = build_deployment(OWNER, spec, plan)["spec"]["template"]["spec"]
     assert "nvidia.com/gpu.product" not in pod.get("nodeSelector", {})
+
+
+def test_default_pull_policy_applies_only_to_the_default_image() -> None:
+    def policy(spec: ModelDeploymentSpec) -> str | None:
+        deployment = build_deployment(
+            OWNER,
+            spec,
+            plan_for(spec, [L4]),
+            default_image="registry.local/rt:1",
+            default_pull_policy="Always",
+        )
+        container = deployment["spec"]["template"]["spec"]["containers"][0]
+        return container.get("imagePullPolicy")
+
+    assert policy(spec_of()) == "Always"
+    assert policy(spec_of(image="mirror.local/custom:2")) is None
+    assert policy(spec_of(image="mirror.local/custom:2", imagePullPolicy="Never")) == "Never"
