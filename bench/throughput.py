@@ -159,7 +159,8 @@ async def one_request(
             payload = json.loads(line[6:])
             if payload.get("usage"):
                 usage_tokens = int(payload["usage"]["completion_tokens"])
-            if payload.get("choices"):
+            choices = payload.get("choices")
+            if choices and choices[0].get("finish_reason") is None:  # one chunk per token, not the last
                 if not first:
                     first = time.perf_counter()
                 chunks += 1
@@ -290,12 +291,16 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         left.plot(slots, [r["stock"]["tokens_per_second"] for r in results], "r-o", label="llama_cpp.server")
     left.set(xlabel="slots (clients = 2 x slots)", ylabel="generated tokens/s", title="Aggregate throughput")
     left.set_xscale("log", base=2)
+    left.set_xticks(slots, [str(n) for n in slots])
+    left.set_ylim(bottom=0)
     left.legend()
     right.plot(slots, [r["parallama"]["ttft_p50"] for r in results], "b-o", label="parallama")
     if all("stock" in r for r in results):
         right.plot(slots, [r["stock"]["ttft_p50"] for r in results], "r-o", label="llama_cpp.server")
     right.set(xlabel="slots (clients = 2 x slots)", ylabel="seconds", title="Time to first token (median)")
     right.set_xscale("log", base=2)
+    right.set_xticks(slots, [str(n) for n in slots])
+    right.set_ylim(bottom=0)
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
