@@ -36,6 +36,13 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent
 OUT = ROOT / "out"
 PROMPT = "Benchmark prompt: the quick brown fox jumps over the lazy dog. " * 2
+_counter = iter(range(10**9))
+
+
+def unique_prompt() -> str:
+    """A prompt no earlier request shares a prefix with: llama_cpp.server reuses the previous
+    request's KV cache for a common prefix, which would let it skip prefills the others do."""
+    return f"{next(_counter) % 1000:03d} {PROMPT}"
 
 
 def bench_model() -> Path:
@@ -139,7 +146,7 @@ async def one_request(
 ) -> dict[str, float]:
     body = {
         "model": "bench",
-        "prompt": PROMPT,
+        "prompt": unique_prompt(),
         "max_tokens": tokens,
         "temperature": 0,
         "stream": True,
@@ -216,7 +223,7 @@ def bare_decode(
     ctx = lib.llama_init_from_model(handle, cparams)
     memory = lib.llama_get_memory(ctx)
     vocab = lib.llama_model_get_vocab(handle)
-    text = PROMPT.encode()
+    text = ("000 " + PROMPT).encode()
     buf = (lib.llama_token * 512)()
     n_prompt = lib.llama_tokenize(vocab, text, len(text), buf, 512, True, True)
     prompt = list(buf[:n_prompt])
