@@ -323,7 +323,7 @@ class Server:
             kv_cache_type=s.kv_cache_type,
             flash_attention=s.flash_attention,
             gpu_layers=s.gpu_layers if gpu_count else 0,
-            tensor_split=s.tensor_split or (1.0,),
+            tensor_split=s.tensor_split or (1.0,) * max(gpu_count, 1),  # llama.cpp spreads over all GPUs
         )
         self.metrics.set_planned(estimate_memory(info, planned))
 
