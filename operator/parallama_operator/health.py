@@ -1,5 +1,9 @@
 """What a runtime pod says about the plan (pure): OOM kills and fewer slots than planned.
 
+A runtime that cannot allocate its planned slots says so in its termination message (see
+``parallama_runtime.termination``); one that runs with fewer slots may say so in the pod annotation
+``parallama.dev/slots``.
+
 Each trouble carries a signature that stays the same however often the pod is re-read (pod UID,
 container, restart count), so the operator acts on every incident exactly once, across restarts
 too (the signatures are kept in status.troubles).
@@ -10,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from parallama_runtime.termination import parse_allocation_failure
 
 from .builders import SLOTS_ANNOTATION
 
@@ -33,7 +39,17 @@ def runtime_troubles(pod: Mapping[str, Any], planned_slots: int | None) -> list[
         restarts = int(status.get("restartCount") or 0)
         for key, when in (("state", restarts), ("lastState", restarts - 1)):
             terminated = (status.get(key) or {}).get("terminated") or {}
-            if terminated.get("reason") == "OOMKilled":
+            failed = parse_allocation_failure(str(terminated.get("message") or ""))
+            if failed is not None:
+                troubles.append(
+                    Trouble(
+                        signature=f"{uid}/{container}/{max(when, 0)}/allocation",
+                        reason="SlotsBelowPlan",
+                        message=f"pod {name} could not allocate {failed[0]} slots of {failed[1]} tokens: "
+                        + str(terminated.get("message"))[:300],
+                    )
+                )
+            elif terminated.get("reason") == "OOMKilled":
                 troubles.append(
                     Trouble(
                         signature=f"{uid}/{container}/{max(when, 0)}/oom",

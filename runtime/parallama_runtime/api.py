@@ -42,6 +42,10 @@ __all__ = ["ApiError", "ModelCard", "RuntimeAPI"]
 
 log = logging.getLogger(__name__)
 
+_PLACEHOLDER = "\x00parallama-text\x00"
+"""Stands for the token text in pre-serialised SSE chunks; no token decodes to NUL bytes around text."""
+_PLACEHOLDER_JSON = json.dumps(_PLACEHOLDER).encode()
+
 Dialect = Literal["openai", "ollama"]
 
 try:
@@ -491,11 +495,16 @@ class RuntimeAPI:
             return {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [c]}
 
         first = [True]
+        # The hot path, once per token and stream: only the text changes between chunks, so the
+        # chunk is serialised once around a placeholder and each token splices its JSON string in.
+        head, tail = sse(chunk(_PLACEHOLDER, None)).split(_PLACEHOLDER_JSON)
 
         def on_text(text: str) -> bytes:
-            role = chat and first[0]
+            if chat and first[0]:
+                first[0] = False
+                return sse(chunk(text, None, role=True))
             first[0] = False
-            return sse(chunk(text, None, role=role))
+            return head + json.dumps(text).encode() + tail
 
         def on_finish(finish: Finish) -> bytes:
             out = b""

@@ -33,6 +33,7 @@ from .memory import KVCacheType, MemoryConfig, estimate_memory
 from .metrics import RuntimeMetrics
 from .model_info import ModelInfo, ModelSourceError, model_info_from_gguf
 from .telemetry import NvmlSampler
+from .termination import format_allocation_failure, write_termination_message
 
 __all__ = ["BackgroundServer", "ServeSettings", "SettingsError", "add_arguments", "resolve_settings", "run"]
 
@@ -354,6 +355,7 @@ class Server:
             except Exception as error:
                 api.load_error = str(error)
                 log.error("model failed to load: %s", error)
+                write_termination_message(format_allocation_failure(slots, s.num_ctx, str(error)))
                 if ready is not None:
                     ready.set()
                 return 1

@@ -16,6 +16,7 @@ from parallama_operator.planning import (
     set_condition,
 )
 from parallama_operator.resources import Condition, ModelDeploymentSpec, Phase
+from parallama_runtime.termination import format_allocation_failure
 
 METADATA = {
     "architecture": "llama",
@@ -140,3 +141,21 @@ def test_fewer_slots_than_planned() -> None:
     (trouble,) = runtime_troubles(_pod(restartCount=0, annotations={"parallama.dev/slots": "2"}), 4)
     assert trouble.reason == "SlotsBelowPlan"
     assert runtime_troubles(_pod(restartCount=0, state={"terminated": {"reason": "Error"}}), 4) == []
+
+
+def test_runtime_that_could_not_allocate_its_slots_is_a_trouble_once() -> None:
+    message = format_allocation_failure(4, 8192, "failed to allocate CUDA0 buffer of size 4294967296")
+    crashed = _pod(
+        restartCount=0, state={"terminated": {"reason": "Error", "exitCode": 1, "message": message}}
+    )
+    restarted = _pod(
+        restartCount=1,
+        state={"waiting": {}},
+        lastState={"terminated": {"reason": "Error", "message": message}},
+    )
+    (a,) = runtime_troubles(crashed, 4)
+    (b,) = runtime_troubles(restarted, 4)
+    assert a.reason == "SlotsBelowPlan" and a.signature == b.signature
+    assert "4 slots of 8192 tokens" in a.message and "CUDA0" in a.message
+    other = _pod(restartCount=0, state={"terminated": {"reason": "Error", "message": "segfault"}})
+    assert runtime_troubles(other, 4) == []

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from parallama_runtime.termination import parse_allocation_failure
 
 pytestmark = pytest.mark.llama
 
@@ -79,3 +80,31 @@ def test_serve_refuses_bad_settings(tmp_path: Path) -> None:
         [sys.executable, "-c", SCRIPT, str(tmp_path / "missing.gguf")], capture_output=True, timeout=60
     )
     assert done.returncode == 2 and b"does not exist" in done.stderr
+
+
+def test_slots_that_cannot_be_allocated_leave_a_termination_message(model_path: Path, tmp_path: Path) -> None:
+    """2 slots of 100M tokens need hundreds of GB of KV cache: llama.cpp's allocation fails, and the
+    runtime says so where Kubernetes keeps a container's last words (the operator reads them)."""
+    termination_log = tmp_path / "termination-log"
+    termination_log.touch()  # the kubelet creates it in a pod
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "PARALLAMA_"))}
+    env["PARALLAMA_TERMINATION_LOG"] = str(termination_log)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(model_path),
+            "--parallel",
+            "2",
+            "--num-ctx",
+            "100000000",
+            "--port",
+            str(_free_port()),
+        ],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr.decode()[-2000:]
+    assert parse_allocation_failure(termination_log.read_text()) == (2, 100_000_000)
