@@ -87,26 +87,10 @@ def operator_exporter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Oper
         )
     exporter = OperatorExporter(f"http://127.0.0.1:{port}", port)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the operator metrics exporter exited:\n{log.read_text()[-4000:]}")
-            try:
-                if http_get(f"{exporter.url}/metrics", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the operator metrics exporter did not answer:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
+        _wait_until_answering(process, f"{exporter.url}/metrics", log, "the operator metrics exporter")
         yield exporter
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _terminate(process, timeout=10)
 
 
 @pytest.fixture(scope="session")
@@ -158,23 +142,32 @@ def prometheus(
         )
     server = Prometheus(f"http://127.0.0.1:{port}", process, log)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"prometheus exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if http_get(f"{server.url}/-/ready", timeout=1)[0] == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"prometheus was not ready within 30 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.2)
+        _wait_until_answering(process, f"{server.url}/-/ready", log, "prometheus")
         yield server
     finally:
-        process.terminate()
+        _terminate(process, timeout=15)
+
+
+def _wait_until_answering(process: subprocess.Popen[bytes], url: str, log: Path, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail with the process's log if it exits or takes 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"{what} exited with {process.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            if http_get(url, timeout=1)[0] == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not answer within 30 s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+
+
+def _terminate(process: subprocess.Popen[bytes], *, timeout: float) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
