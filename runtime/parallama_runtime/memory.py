@@ -175,13 +175,28 @@ class MemoryEstimate:
         return sum(d.total_bytes for d in self.devices)
 
 
-def kv_bytes_per_token(model: ModelInfo, type_k: KVCacheType, type_v: KVCacheType) -> int:
+def kv_bytes_per_token(
+    model: ModelInfo, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool = True
+) -> int:
     """KV bytes one token (one cell) costs over all layers."""
-    return sum(_kv_bytes_per_cell(model, layer, type_k, type_v) for layer in range(model.block_count))
+    return sum(
+        _kv_bytes_per_cell(model, layer, type_k, type_v, flash_attention=flash_attention)
+        for layer in range(model.block_count)
+    )
 
 
-def _kv_bytes_per_cell(model: ModelInfo, layer: int, type_k: KVCacheType, type_v: KVCacheType) -> int:
-    return row_size(type_k, model.k_elements(layer)) + row_size(type_v, model.v_elements(layer))
+def _kv_bytes_per_cell(
+    model: ModelInfo, layer: int, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool
+) -> int:
+    k_elements = model.k_elements(layer)
+    if k_elements == 0:  # llama.cpp gives a layer without KV heads no cache at all
+        return 0
+    v_elements = model.v_elements(layer)
+    if not flash_attention and v_elements:
+        # without flash attention V is stored transposed, and llama.cpp pads every layer's V rows
+        # to the widest layer's (its TAG_V_CACHE_VARIABLE); a no-op when all layers are alike
+        v_elements = max(model.v_elements(i) for i in range(model.block_count))
+    return row_size(type_k, k_elements) + row_size(type_v, v_elements)
 
 
 def layer_devices(block_count: int, gpu_layers: int, split: tuple[float, ...]) -> list[int]:
@@ -263,7 +278,8 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
         raise ValueError("num_ctx and num_parallel must be positive")
     type_k, type_v = config.type_k, config.type_v
     cells = kv_cells_per_slot(config.num_ctx, config.num_parallel)
-    per_token = kv_bytes_per_token(model, type_k, type_v)
+    fa = config.flash_attention
+    per_token = kv_bytes_per_token(model, type_k, type_v, flash_attention=fa)
     n_ubatch = min(config.n_ubatch, cells * config.num_parallel)
 
     gpu_count = config.gpu_count
@@ -280,7 +296,7 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
         target.layers += 1
         target.weights_bytes += model.layer_bytes[layer]
         target.kv_cache_bytes += (
-            _kv_bytes_per_cell(model, layer, type_k, type_v) * cells * config.num_parallel
+            _kv_bytes_per_cell(model, layer, type_k, type_v, flash_attention=fa) * cells * config.num_parallel
         )
     output_device = device_for(assignment[-1])
     output_device.weights_bytes += model.output_bytes

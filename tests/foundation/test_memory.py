@@ -83,3 +83,28 @@ def test_cpu_run_holds_everything_in_one_place() -> None:
     assert [d.device for d in est.devices] == ["cpu"]
     assert est.weights_bytes == LLAMA_8B.size_bytes
     assert est.host_bytes == 0
+
+
+def test_layers_with_different_kv_heads() -> None:
+    """Per-layer KV heads: a layer with none has no cache; without flash attention llama.cpp stores
+    V transposed and pads every layer's V rows to the widest layer's."""
+    model = model_info_from_metadata(
+        {
+            "architecture": "openelm",
+            "block_count": 3,
+            "embedding_length": 512,
+            "head_count": 8,
+            "head_count_kv": [4, 2, 0],
+            "key_length": 64,
+            "value_length": 64,
+            "context_length": 2048,
+            "size_bytes": 10_000_000,
+        }
+    )
+    f16 = KVCacheType.F16
+    with_fa = kv_bytes_per_token(model, f16, f16, flash_attention=True)
+    without = kv_bytes_per_token(model, f16, f16, flash_attention=False)
+    assert with_fa == 2 * (256 + 256) + 2 * (128 + 128)
+    assert without == 2 * (256 + 256) + 2 * (128 + 256)
+    estimate = estimate_memory(model, MemoryConfig(num_ctx=256, flash_attention=False))
+    assert estimate.kv_cache_bytes == without * 256
