@@ -5,7 +5,7 @@ PACKAGES := runtime/parallama_runtime operator/parallama_operator
 .PHONY: run test lint typecheck pytest bootstrap bench crd clean
 
 run:  ## plan the seed's scenarios from built-in model presets: no cluster, GPU or download needed
-	@scripts/bootstrap.sh --light >/dev/null
+	@scripts/bootstrap.sh --light >/dev/null 2>&1 || scripts/bootstrap.sh --light
 	.venv/bin/parallama plan --model llama-3.1-8b --gpus 1xL4
 	.venv/bin/parallama plan --model deepseek-r1-q2 --gpus 1xL4,8xL20 --num-ctx 8192
 
