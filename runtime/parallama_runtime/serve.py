@@ -28,6 +28,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .api import ModelCard, RuntimeAPI
+from .demo_model import DEMO_SHAPE
 from .engine import Engine, EngineConfig
 from .memory import KVCacheType, MemoryConfig, estimate_memory
 from .metrics import RuntimeMetrics
@@ -287,7 +288,8 @@ class Server:
             log.error("%s", error)
             return 2
         slots = self._slots(info)
-        name = s.served_name or path.stem
+        # the demo model's file name carries a content hash; clients should not have to know it
+        name = s.served_name or (path.stem if s.model else DEMO_SHAPE.name)
         config = EngineConfig(
             model_path=str(path),
             num_parallel=slots,

@@ -58,6 +58,9 @@ def test_serve_demo_model_auto_slots_and_sigterm(model_path: Path, tmp_path: Pat
         with urllib.request.urlopen(url + "/metrics") as response:
             text = response.read().decode()
         assert 'num_ctx="512"' in text and 'num_parallel="4"' in text
+        with urllib.request.urlopen(url + "/v1/models") as response:
+            served = [model["id"] for model in json.load(response)["data"]]
+        assert served == ["parallama-demo"], "the demo model is served under its plain name"
         assert list((tmp_path / "cache").glob("*.gguf")), "the demo model was not generated into the cache"
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
