@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -371,6 +372,40 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measure(args: argparse.Namespace, model: Path, slots: int) -> dict[str, Any]:
+    """One row of the table: every reference at ``slots`` slots with twice as many clients."""
+    clients = 2 * slots
+    row: dict[str, Any] = {"slots": slots, "clients": clients}
+
+    def best_of(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+        return max((run() for _ in range(args.repeat)), key=lambda r: r["tokens_per_second"])
+
+    def served(
+        start: Callable[[], tuple[subprocess.Popen[bytes], str]], extra: dict[str, Any]
+    ) -> dict[str, float]:
+        process, url = start()
+        try:
+            return best_of(lambda: asyncio.run(drive(url, clients, args.requests, args.tokens, extra)))
+        finally:
+            stop(process)
+
+    row["bare"] = best_of(
+        lambda: bare_decode(model, slots, args.num_ctx, args.threads, args.tokens, 2 * args.requests)
+    )
+    row["parallama"] = served(
+        lambda: start_parallama(model, slots, args.num_ctx, args.threads), {"ignore_eos": True}
+    )
+    if not args.no_stock:
+        row["stock"] = served(lambda: start_stock(model, args.num_ctx, args.threads), {})
+    if args.llama_server:
+        binary = args.llama_server
+        row["llama_server"] = served(
+            lambda: start_llama_server(binary, model, slots, args.num_ctx, args.threads),
+            {"ignore_eos": True},
+        )
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -395,51 +430,7 @@ def main() -> int:
     )
     results: list[dict[str, Any]] = []
     for slots in args.slots:
-        clients = 2 * slots
-        row: dict[str, Any] = {"slots": slots, "clients": clients}
-        best = max
-        row["bare"] = best(
-            (
-                bare_decode(model, slots, args.num_ctx, args.threads, args.tokens, 2 * args.requests)
-                for _ in range(args.repeat)
-            ),
-            key=lambda r: r["tokens_per_second"],
-        )
-        process, url = start_parallama(model, slots, args.num_ctx, args.threads)
-        try:
-            row["parallama"] = best(
-                (
-                    asyncio.run(drive(url, clients, args.requests, args.tokens, {"ignore_eos": True}))
-                    for _ in range(args.repeat)
-                ),
-                key=lambda r: r["tokens_per_second"],
-            )
-        finally:
-            stop(process)
-        if not args.no_stock:
-            process, url = start_stock(model, args.num_ctx, args.threads)
-            try:
-                row["stock"] = best(
-                    (
-                        asyncio.run(drive(url, clients, args.requests, args.tokens, {}))
-                        for _ in range(args.repeat)
-                    ),
-                    key=lambda r: r["tokens_per_second"],
-                )
-            finally:
-                stop(process)
-        if args.llama_server:
-            process, url = start_llama_server(args.llama_server, model, slots, args.num_ctx, args.threads)
-            try:
-                row["llama_server"] = best(
-                    (
-                        asyncio.run(drive(url, clients, args.requests, args.tokens, {"ignore_eos": True}))
-                        for _ in range(args.repeat)
-                    ),
-                    key=lambda r: r["tokens_per_second"],
-                )
-            finally:
-                stop(process)
+        row = measure(args, model, slots)
         row["load_average"] = os.getloadavg()[0]
         results.append(row)
         print(json.dumps(row), flush=True)

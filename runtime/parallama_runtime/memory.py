@@ -179,24 +179,27 @@ def kv_bytes_per_token(
     model: ModelInfo, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool = True
 ) -> int:
     """KV bytes one token (one cell) costs over all layers."""
-    return sum(
-        _kv_bytes_per_cell(model, layer, type_k, type_v, flash_attention=flash_attention)
-        for layer in range(model.block_count)
-    )
+    return sum(_kv_bytes_per_layer_cell(model, type_k, type_v, flash_attention=flash_attention))
 
 
-def _kv_bytes_per_cell(
-    model: ModelInfo, layer: int, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool
-) -> int:
-    k_elements = model.k_elements(layer)
-    if k_elements == 0:  # llama.cpp gives a layer without KV heads no cache at all
-        return 0
-    v_elements = model.v_elements(layer)
-    if not flash_attention and v_elements:
-        # without flash attention V is stored transposed, and llama.cpp pads every layer's V rows
-        # to the widest layer's (its TAG_V_CACHE_VARIABLE); a no-op when all layers are alike
-        v_elements = max(model.v_elements(i) for i in range(model.block_count))
-    return row_size(type_k, k_elements) + row_size(type_v, v_elements)
+def _kv_bytes_per_layer_cell(
+    model: ModelInfo, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool
+) -> list[int]:
+    """KV bytes of one cell in each layer, as llama.cpp lays them out."""
+    widest_v = max(model.v_elements(layer) for layer in range(model.block_count))
+    sizes = []
+    for layer in range(model.block_count):
+        k_elements = model.k_elements(layer)
+        if k_elements == 0:  # llama.cpp gives a layer without KV heads no cache at all
+            sizes.append(0)
+            continue
+        v_elements = model.v_elements(layer)
+        if not flash_attention and v_elements:
+            # without flash attention V is stored transposed, and llama.cpp pads every layer's V rows
+            # to the widest layer's (its TAG_V_CACHE_VARIABLE); a no-op when all layers are alike
+            v_elements = widest_v
+        sizes.append(row_size(type_k, k_elements) + row_size(type_v, v_elements))
+    return sizes
 
 
 def layer_devices(block_count: int, gpu_layers: int, split: tuple[float, ...]) -> list[int]:
@@ -279,7 +282,8 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     type_k, type_v = config.type_k, config.type_v
     cells = kv_cells_per_slot(config.num_ctx, config.num_parallel)
     fa = config.flash_attention
-    per_token = kv_bytes_per_token(model, type_k, type_v, flash_attention=fa)
+    per_layer_cell = _kv_bytes_per_layer_cell(model, type_k, type_v, flash_attention=fa)
+    per_token = sum(per_layer_cell)
     n_ubatch = min(config.n_ubatch, cells * config.num_parallel)
 
     gpu_count = config.gpu_count
@@ -295,9 +299,7 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
         target = device_for(assignment[layer])
         target.layers += 1
         target.weights_bytes += model.layer_bytes[layer]
-        target.kv_cache_bytes += (
-            _kv_bytes_per_cell(model, layer, type_k, type_v, flash_attention=fa) * cells * config.num_parallel
-        )
+        target.kv_cache_bytes += per_layer_cell[layer] * cells * config.num_parallel
     output_device = device_for(assignment[-1])
     output_device.weights_bytes += model.output_bytes
     host_bytes = model.embedding_bytes

@@ -22,18 +22,11 @@ from parallama_operator.planning import plan_status
 from parallama_operator.resources import ModelDeploymentSpec, PlanStatus
 from parallama_runtime.model_info import model_info_from_metadata
 from parallama_runtime.planner import Node, PlanRequest, make_plan
+from parallama_runtime.presets import PRESETS
 
 K8S_VERSION = "1.33"
 OWNER = Owner(name="chat", namespace="ai", uid="0b6a3e0e-1111-2222-3333-444455556666")
-METADATA = {
-    "architecture": "llama",
-    "sizeBytes": 4_920_734_720,
-    "blockCount": 32,
-    "embeddingLength": 4096,
-    "headCount": 32,
-    "headCountKv": 8,
-    "contextLength": 131072,
-}
+METADATA = {k: v for k, v in PRESETS["llama-3.1-8b"].items() if k != "name"}
 GiB = 1024**3
 
 

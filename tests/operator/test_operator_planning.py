@@ -16,17 +16,10 @@ from parallama_operator.planning import (
     set_condition,
 )
 from parallama_operator.resources import Condition, ModelDeploymentSpec, Phase
+from parallama_runtime.presets import PRESETS
 from parallama_runtime.termination import format_allocation_failure
 
-METADATA = {
-    "architecture": "llama",
-    "sizeBytes": 4_920_734_720,
-    "blockCount": 32,
-    "embeddingLength": 4096,
-    "headCount": 32,
-    "headCountKv": 8,
-    "contextLength": 131072,
-}
+METADATA = {k: v for k, v in PRESETS["llama-3.1-8b"].items() if k != "name"}
 NODES = [gfd_node("l4", "NVIDIA-L4", 1, 23034), gfd_node("l20", "NVIDIA-L20", 8, 46068)]
 
 
