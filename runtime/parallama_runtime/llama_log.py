@@ -117,7 +117,6 @@ class LlamaLogCapture:
         self._lock = threading.Lock()
         self._pending = ""
         self.lines: list[str] = []
-        self.echo_level: int | None = None
         self._callback: Any = None
 
     @classmethod

@@ -18,7 +18,7 @@ llama.cpp's own buffer reports in ``tests/test_memory_vs_llama.py``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
 from .model_info import ModelInfo
@@ -148,7 +148,6 @@ class MemoryEstimate:
     host_bytes: int
     kv_cells_per_slot: int
     kv_bytes_per_token: int
-    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def weights_bytes(self) -> int:

@@ -283,9 +283,7 @@ def _trial(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int, slo
             min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free[:gpus]
         )
         config = _memory_config(request, slots, tuple(max(u, 1) / max(sum(usable), 1) for u in usable))
-    estimate = estimate_memory(model, config)
-    estimate.extra["model_context_length"] = model.context_length
-    return _Trial(shape, gpus, slots, estimate, capacities, usable)
+    return _Trial(shape, gpus, slots, estimate_memory(model, config), capacities, usable)
 
 
 def _best_slots(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int) -> _Trial | None:
@@ -368,10 +366,10 @@ def _devices(trial: _Trial) -> list[DevicePlan]:
     ]
 
 
-def _warnings(estimate: MemoryEstimate, request: PlanRequest) -> list[str]:
-    model_ctx = estimate.extra.get("model_context_length", 0)
+def _warnings(model: ModelInfo, request: PlanRequest) -> list[str]:
+    model_ctx = model.context_length
     notes = []
-    if model_ctx and request.num_ctx > model_ctx:
+    if request.num_ctx > model_ctx:
         notes.append(
             f"num_ctx {request.num_ctx} exceeds the {model_ctx} tokens the model was trained for; "
             "llama.cpp allows it but quality degrades past the trained context"
@@ -382,7 +380,14 @@ def _warnings(estimate: MemoryEstimate, request: PlanRequest) -> list[str]:
 
 
 def _plan_from_trial(
-    request: PlanRequest, trial: _Trial, *, fits: bool, reason: str, nodes: list[str], shortfall: int = 0
+    model: ModelInfo,
+    request: PlanRequest,
+    trial: _Trial,
+    *,
+    fits: bool,
+    reason: str,
+    nodes: list[str],
+    shortfall: int = 0,
 ) -> Plan:
     est = trial.estimate
     shape = trial.shape
@@ -407,7 +412,7 @@ def _plan_from_trial(
         shortfall_bytes=shortfall,
         closest_node=None if fits else shape.describe(),
         reason=reason,
-        warnings=_warnings(trial.estimate, request),
+        warnings=_warnings(model, request),
     )
 
 
@@ -430,7 +435,7 @@ def _fitting_plan(model: ModelInfo, request: PlanRequest, best: _Trial, hosts: l
     if best.gpus > 1:
         sentence += f"; layers split {'/'.join(str(d.layers) for d in best.estimate.devices)}"
     nodes = sorted({name for trial in hosts for name in trial.shape.nodes})
-    return _plan_from_trial(request, best, fits=True, reason=sentence, nodes=nodes)
+    return _plan_from_trial(model, request, best, fits=True, reason=sentence, nodes=nodes)
 
 
 def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_counts: list[int]) -> Plan:
@@ -463,7 +468,7 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
         f"lacks {format_bytes(closest.shortfall)} ({closest.shortfall} bytes)"
     )
     return _plan_from_trial(
-        request, closest, fits=False, reason=reason, nodes=[], shortfall=closest.shortfall
+        model, request, closest, fits=False, reason=reason, nodes=[], shortfall=closest.shortfall
     )
 
 
