@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from parallama_runtime.gpu_catalog import lookup_gpu_memory_mib
-from parallama_runtime.planner import Node
+from parallama_runtime.planning.gpu_catalog import lookup_gpu_memory_mib
+from parallama_runtime.planning.planner import Node
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [

@@ -25,7 +25,7 @@ __all__ = ["BufferReport", "LlamaLogCapture", "parse_buffer_reports"]
 MiB = 1024 * 1024
 
 _BUFFER_LINE = re.compile(
-    r"^(?P<func>\w+):\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|compute|output) buffer size ="
+    r"^(?P<func>\w+):\s+(?P<buffer>\S+)\s+(?P<kind>model|KV|RS|compute|output) buffer size ="
     r"\s+(?P<mib>[0-9.]+) MiB"
 )
 _KV_SUMMARY = re.compile(
@@ -33,7 +33,12 @@ _KV_SUMMARY = re.compile(
     r"\s+(?P<used>\d+)/(?P<seqs>\d+) seqs\), K \((?P<type_k>\w+)\):\s+(?P<k_mib>[0-9.]+) MiB, "
     r"V \((?P<type_v>\w+)\):\s+(?P<v_mib>[0-9.]+) MiB"
 )
-_COMPONENTS = {"model": "weights", "KV": "kv_cache", "compute": "compute", "output": "output"}
+_RS_SUMMARY = re.compile(
+    r"^llama_memory_recurrent: size =\s+(?P<mib>[0-9.]+) MiB \(\s*(?P<cells>\d+) cells,\s+(?P<layers>\d+) layers,"
+    r"\s+(?P<seqs>\d+) seqs\s+(?P<rs_seq>\d+) rs_seq\), R \((?P<type_r>\w+)\):\s+(?P<r_mib>[0-9.]+) MiB, "
+    r"S \((?P<type_s>\w+)\):\s+(?P<s_mib>[0-9.]+) MiB"
+)
+_COMPONENTS = {"model": "weights", "KV": "kv_cache", "RS": "recurrent", "compute": "compute", "output": "output"}
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,26 @@ class KVSummary:
 
 
 @dataclass
+class RecurrentSummary:
+    mib: float
+    cells: int
+    layers: int
+    seqs: int
+    r_mib: float
+    s_mib: float
+
+
+@dataclass
 class ParsedReports:
     buffers: list[BufferReport] = field(default_factory=list)
-    kv: KVSummary | None = None
+    kv_caches: list[KVSummary] = field(default_factory=list)
+    """One summary per KV cache: a sliding-window model has two (full layers, then SWA layers)."""
+    recurrent: RecurrentSummary | None = None
+
+    @property
+    def kv(self) -> KVSummary | None:
+        """The (first) KV cache: the only one unless the model has sliding-window layers."""
+        return self.kv_caches[0] if self.kv_caches else None
 
     def total_mib(self, component: str) -> float:
         return sum(b.mib for b in self.buffers if b.component == component)
@@ -90,7 +112,7 @@ def parse_buffer_reports(lines: list[str]) -> ParsedReports:
             continue
         summary = _KV_SUMMARY.match(line)
         if summary:
-            parsed.kv = KVSummary(
+            parsed.kv_caches.append(KVSummary(
                 mib=float(summary.group("mib")),
                 cells=int(summary.group("cells")),
                 layers=int(summary.group("layers")),
@@ -99,6 +121,17 @@ def parse_buffer_reports(lines: list[str]) -> ParsedReports:
                 type_v=summary.group("type_v"),
                 k_mib=float(summary.group("k_mib")),
                 v_mib=float(summary.group("v_mib")),
+            ))
+            continue
+        recurrent = _RS_SUMMARY.match(line)
+        if recurrent:
+            parsed.recurrent = RecurrentSummary(
+                mib=float(recurrent.group("mib")),
+                cells=int(recurrent.group("cells")),
+                layers=int(recurrent.group("layers")),
+                seqs=int(recurrent.group("seqs")),
+                r_mib=float(recurrent.group("r_mib")),
+                s_mib=float(recurrent.group("s_mib")),
             )
     return parsed
 

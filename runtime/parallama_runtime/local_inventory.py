@@ -13,7 +13,7 @@ import os
 import socket
 from typing import Any
 
-from .planner import Node
+from .planning.planner import Node
 
 __all__ = ["host_memory_bytes", "local_nodes", "nvml_gpus"]
 

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from .engine import EngineStats, Finish
 from .llama_log import ParsedReports
-from .memory import MemoryEstimate
+from .planning.memory import MemoryEstimate
 from .telemetry import GpuSample
 
 __all__ = ["CONTENT_TYPE", "RuntimeMetrics"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from parallama_runtime.memory import (
+from parallama_runtime.planning.memory import (
     KVCacheType,
     MemoryConfig,
     estimate_memory,
@@ -12,8 +12,8 @@ from parallama_runtime.memory import (
     layer_devices,
     row_size,
 )
-from parallama_runtime.model_info import model_info_from_metadata
-from parallama_runtime.presets import PRESETS
+from parallama_runtime.planning.model_info import model_info_from_metadata
+from parallama_runtime.planning.presets import PRESETS
 
 LLAMA_8B = model_info_from_metadata(PRESETS["llama-3.1-8b"])
 

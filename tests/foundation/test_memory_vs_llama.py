@@ -14,14 +14,14 @@ from typing import Any
 
 import pytest
 from parallama_runtime.demo_model import DEMO_SHAPE, ModelShape, write_model
-from parallama_runtime.memory import (
+from parallama_runtime.planning.memory import (
     KVCacheType,
     MemoryConfig,
     estimate_memory,
     kv_cells_per_slot,
     row_size,
 )
-from parallama_runtime.model_info import ModelInfo, model_info_from_gguf
+from parallama_runtime.planning.model_info import ModelInfo, model_info_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the runtime extra (llama-cpp-python) is not installed")
 from parallama_runtime.llama_log import LlamaLogCapture, parse_buffer_reports  # noqa: E402
@@ -59,6 +59,7 @@ def loaded(
     path: Path = write_model(tmp_path_factory.mktemp("mem") / f"{request.param}.gguf", SHAPES[request.param])
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = 0
+    params.use_extra_bufts = False  # as the runtime: no AMX / repacked copies (docs/memory-model.md)
     mark = capture.mark()
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     assert model, "llama.cpp could not load the generated model"

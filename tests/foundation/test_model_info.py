@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from parallama_runtime.demo_model import ModelShape, write_model
-from parallama_runtime.model_info import (
+from parallama_runtime.planning.model_info import (
     ModelSourceError,
     model_info_from_gguf,
     model_info_from_metadata,
@@ -138,7 +138,7 @@ def test_metadata_file_and_its_errors(tmp_path: Path) -> None:
         )
     )
     info = read_model_info(str(good))
-    assert info.kv_heads(2) == 0 and info.k_elements(1) == 128
+    assert info.k_elements(2) == 0 and info.k_elements(1) == 128
 
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps({"architecture": "llama", "blockCount": 2}))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from parallama_runtime.gpu_catalog import lookup_gpu_memory_mib
-from parallama_runtime.memory import KVCacheType
-from parallama_runtime.model_info import model_info_from_metadata
-from parallama_runtime.planner import Node, PlanRequest, make_plan
-from parallama_runtime.presets import PRESETS
+from parallama_runtime.planning.gpu_catalog import lookup_gpu_memory_mib
+from parallama_runtime.planning.memory import KVCacheType
+from parallama_runtime.planning.model_info import model_info_from_metadata
+from parallama_runtime.planning.planner import Node, PlanRequest, make_plan
+from parallama_runtime.planning.presets import PRESETS
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

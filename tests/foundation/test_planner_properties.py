@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from parallama_runtime.memory import KVCacheType
-from parallama_runtime.model_info import ModelInfo, model_info_from_metadata
-from parallama_runtime.planner import Node, PlanRequest, make_plan
+from parallama_runtime.planning.memory import KVCacheType
+from parallama_runtime.planning.model_info import ModelInfo, model_info_from_metadata
+from parallama_runtime.planning.planner import Node, PlanRequest, make_plan
 
 GiB = 1024**3
 

@@ -20,9 +20,9 @@ from parallama_operator.builders import (
 )
 from parallama_operator.planning import plan_status
 from parallama_operator.resources import ModelDeploymentSpec, PlanStatus
-from parallama_runtime.model_info import model_info_from_metadata
-from parallama_runtime.planner import Node, PlanRequest, make_plan
-from parallama_runtime.presets import PRESETS
+from parallama_runtime.planning.model_info import model_info_from_metadata
+from parallama_runtime.planning.planner import Node, PlanRequest, make_plan
+from parallama_runtime.planning.presets import PRESETS
 
 K8S_VERSION = "1.33"
 OWNER = Owner(name="chat", namespace="ai", uid="0b6a3e0e-1111-2222-3333-444455556666")
@@ -67,6 +67,13 @@ def test_env_contract_follows_the_plan() -> None:
     assert env["PARALLAMA_GPU_LAYERS"] == "-1"
     assert env["PARALLAMA_MODEL"] == "/models/llama-8b-q4.gguf"
     assert env["PARALLAMA_TENSOR_SPLIT"] == ""  # one GPU: nothing to split
+    assert env["PARALLAMA_SWA_FULL"] == "0"
+
+
+def test_swa_full_reaches_the_pods() -> None:
+    spec = spec_of(swaFull=True)
+    env = env_of(build_deployment(OWNER, spec, plan_for(spec, [L4])))
+    assert env["PARALLAMA_SWA_FULL"] == "1"
 
 
 def test_multi_gpu_replica_gets_limits_split_and_product() -> None:

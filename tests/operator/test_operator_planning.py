@@ -12,11 +12,12 @@ from parallama_operator.planning import (
     model_from_metadata,
     next_extra_reserve,
     phase_for,
+    plan_request,
     plan_status,
     set_condition,
 )
 from parallama_operator.resources import Condition, ModelDeploymentSpec, Phase
-from parallama_runtime.presets import PRESETS
+from parallama_runtime.planning.presets import PRESETS
 from parallama_runtime.termination import format_allocation_failure
 
 METADATA = {k: v for k, v in PRESETS["llama-3.1-8b"].items() if k != "name"}
@@ -62,6 +63,41 @@ def test_hash_changes_only_with_what_pods_see() -> None:
     assert a.hash == b.hash
     fewer = plan_status(compute_plan(spec, model, NODES[1:]), spec)  # the L4 node is gone
     assert fewer.gpu_product == "NVIDIA-L20" and fewer.hash != a.hash
+
+
+GEMMA3 = {  # 5 of every 6 layers attend to a window of 1024 tokens only
+    "architecture": "gemma3",
+    "sizeBytes": 8_000_000_000,
+    "blockCount": 48,
+    "embeddingLength": 3840,
+    "headCount": 16,
+    "headCountKv": 8,
+    "keyLength": 256,
+    "valueLength": 256,
+    "contextLength": 131072,
+    "vocabSize": 262144,
+    "feedForwardLength": 15360,
+    "slidingWindow": 1024,
+}
+
+
+def test_swa_full_is_planned() -> None:
+    assert plan_request(spec_of()).swa_full is False
+    assert plan_request(spec_of(swaFull=True)).swa_full is True
+    model = {"model": {"uri": "pvc://m/gemma.gguf", "metadata": GEMMA3}, "numCtx": 32768}
+    small, full = (spec_of(**model, swaFull=swa) for swa in (False, True))
+    l40s = [gfd_node("l40s", "NVIDIA-L40S", 1, 46068)]
+    a = compute_plan(small, model_from_metadata(small) or _fail(), l40s)
+    b = compute_plan(full, model_from_metadata(full) or _fail(), l40s)
+    assert (a.swa_full, b.swa_full) == (False, True)
+    assert a.swa_cells_per_slot < a.kv_cells_per_slot == b.swa_cells_per_slot
+    assert a.num_parallel > b.num_parallel  # the point of the default: more slots
+    # with the same slots the pods still differ (PARALLAMA_SWA_FULL): the hash must say so
+    one = {"parallelism": {"numParallel": 1}}
+    small, full = (spec_of(**model, **one, swaFull=swa) for swa in (False, True))
+    a = compute_plan(small, model_from_metadata(small) or _fail(), l40s)
+    b = compute_plan(full, model_from_metadata(full) or _fail(), l40s)
+    assert a.fits and b.fits and plan_status(a, small).hash != plan_status(b, full).hash
 
 
 def test_unschedulable_plan_names_the_shortfall() -> None:

@@ -56,8 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "feedForwardLength": 28672,
         "sizeBytes": 42520398880,
     },
-    # The seed article's model: DeepSeek (V3/R1 architecture) at a Q2 quantisation, about 202 GB.
-    # Multi-head latent attention: the cache holds kv_lora_rank + rope dims per token and layer.
+    # The seed article's model: DeepSeek R1 (671B, the deepseek2 architecture in llama.cpp) at a Q2
+    # quantisation, about 202 GB. The R1 GGUFs published when the article was written were converted
+    # before llama.cpp's MLA re-conversion (April 2025): their headers carry no
+    # attention.key_length_mla, so llama.cpp caches full per-head K (128 x 192) and V (128 x 128):
+    # 4,997,120 bytes per token in f16, about 76 GiB for 4 slots of 4096 tokens.
     "deepseek-r1-q2": {
         "name": "DeepSeek-R1-Q2_K",
         "architecture": "deepseek2",
@@ -75,5 +78,40 @@ PRESETS: dict[str, dict[str, Any]] = {
         "kvLoraRank": 512,
         "ropeDimensionCount": 64,
         "sizeBytes": 202_000_000_000,
+        "gguf": {
+            "leading_dense_block_count": 3,
+            "expert_shared_count": 1,
+            "expert_feed_forward_length": 2048,
+            "attention.q_lora_rank": 1536,
+        },
+    },
+    # The same model re-converted after llama.cpp's MLA change (convert_hf_to_gguf.py since April
+    # 2025): one latent KV "head" of kv_lora_rank + rope dims (576) and no V cache: 70,272 bytes per
+    # token in f16, 71 times less.
+    "deepseek-r1-q2-mla": {
+        "name": "DeepSeek-R1-Q2_K (MLA conversion)",
+        "architecture": "deepseek2",
+        "blockCount": 61,
+        "embeddingLength": 7168,
+        "headCount": 128,
+        "headCountKv": 1,
+        "keyLength": 576,
+        "valueLength": 512,
+        "keyLengthMla": 192,
+        "valueLengthMla": 128,
+        "contextLength": 163840,
+        "vocabSize": 129280,
+        "feedForwardLength": 18432,
+        "expertCount": 256,
+        "expertUsedCount": 8,
+        "kvLoraRank": 512,
+        "ropeDimensionCount": 64,
+        "sizeBytes": 202_000_000_000,
+        "gguf": {
+            "leading_dense_block_count": 3,
+            "expert_shared_count": 1,
+            "expert_feed_forward_length": 2048,
+            "attention.q_lora_rank": 1536,
+        },
     },
 }

@@ -32,6 +32,7 @@ from .memory import (
     KVCacheType,
     MemoryConfig,
     MemoryEstimate,
+    context_refusal,
     estimate_memory,
 )
 from .model_info import ModelInfo
@@ -98,6 +99,9 @@ class PlanRequest(BaseModel):
     gpu_overhead_bytes: int = Field(default=DEFAULT_GPU_OVERHEAD_BYTES, ge=0)
     extra_reserve_bytes: int = Field(default=0, ge=0)
     """Bytes kept free on every device on top of the headroom (the operator raises it after an OOM)."""
+    swa_full: bool = False
+    """Full-size caches for sliding-window layers (llama.cpp's ``swa_full``); False is llama-server's
+    default: a window-sized cache, which lets several times more slots fit."""
 
     @model_validator(mode="after")
     def _bounds(self) -> PlanRequest:
@@ -131,6 +135,9 @@ class MemoryBreakdown(BaseModel):
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     kv_per_slot_bytes: int = 0
+    """Cache bytes one slot adds: its KV cells and, for recurrent layers, its state."""
+    recurrent_bytes: int = 0
+    """Recurrent state (Mamba, RWKV, hybrid layers): fixed per slot, whatever the context."""
     compute_bytes: int = 0
     overhead_bytes: int = 0
     total_bytes: int = 0
@@ -152,6 +159,10 @@ class Plan(BaseModel):
     flash_attention: bool
     kv_bytes_per_token: int
     kv_cells_per_slot: int
+    swa_cells_per_slot: int = 0
+    swa_full: bool = False
+    refused: bool = False
+    """llama.cpp would refuse these settings for this model whatever the hardware (see ``reason``)."""
     node_shape: str | None = None
     nodes: list[str] = Field(default_factory=list)
     tensor_split: list[float] = Field(default_factory=list)
@@ -263,6 +274,7 @@ def _memory_config(request: PlanRequest, slots: int, split: tuple[float, ...] | 
         kv_cache_type=request.kv_cache_type,
         flash_attention=request.flash_attention,
         n_ubatch=request.n_ubatch,
+        swa_full=request.swa_full,
         gpu_layers=0 if split is None else -1,
         tensor_split=split or (1.0,),
         device_overhead_bytes=DEFAULT_CPU_OVERHEAD_BYTES if split is None else request.gpu_overhead_bytes,
@@ -299,6 +311,9 @@ def _best_slots(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int
 def make_plan(model: ModelInfo, nodes: Sequence[Node], request: PlanRequest | None = None) -> Plan:
     """Plan one replica of ``model`` over ``nodes``; see the module docstring for the rules."""
     request = request or PlanRequest()
+    refusal = context_refusal(model, _memory_config(request, 1, None))
+    if refusal:
+        return _empty_plan(model, request, refusal, refused=True)
     shapes = _group(nodes, request.gpu_product)
     gpu_shapes = [s for s in shapes if not s.is_cpu]
     candidates = gpu_shapes or [s for s in shapes if s.is_cpu]
@@ -339,6 +354,7 @@ def _breakdown(trial: _Trial, headroom: float) -> MemoryBreakdown:
         weights_bytes=est.weights_bytes,
         kv_cache_bytes=est.kv_cache_bytes,
         kv_per_slot_bytes=est.kv_bytes_per_slot,
+        recurrent_bytes=est.recurrent_bytes,
         compute_bytes=est.compute_bytes,
         overhead_bytes=est.overhead_bytes,
         total_bytes=est.total_bytes,
@@ -376,6 +392,7 @@ def _warnings(model: ModelInfo, request: PlanRequest) -> list[str]:
         )
     if request.kv_cache_type.is_quantized and not request.flash_attention:
         notes.append(f"a {request.kv_cache_type.value} V cache needs flash attention: V stays f16")
+    notes.extend(model.layout.notes)
     return notes
 
 
@@ -403,6 +420,8 @@ def _plan_from_trial(
         flash_attention=request.flash_attention,
         kv_bytes_per_token=est.kv_bytes_per_token,
         kv_cells_per_slot=est.kv_cells_per_slot,
+        swa_cells_per_slot=est.swa_cells_per_slot,
+        swa_full=request.swa_full,
         node_shape=shape.describe(),
         nodes=nodes,
         tensor_split=[round(x, 4) for x in est.config.tensor_split] if trial.gpus > 1 else [],
@@ -472,27 +491,37 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
     )
 
 
-def _empty_plan(model: ModelInfo, request: PlanRequest, why: str) -> Plan:
+def _empty_plan(model: ModelInfo, request: PlanRequest, why: str, *, refused: bool = False) -> Plan:
     low, _ = request.slot_bounds()
     config = _memory_config(request, low, None)
-    est = estimate_memory(model, config)
+    memory = MemoryBreakdown(headroom_fraction=request.headroom)
+    per_token = cells = swa_cells = 0
+    if not refused:
+        est = estimate_memory(model, config)
+        per_token, cells, swa_cells = est.kv_bytes_per_token, est.kv_cells_per_slot, est.swa_cells_per_slot
+        memory = MemoryBreakdown(
+            weights_bytes=est.weights_bytes,
+            kv_cache_bytes=est.kv_cache_bytes,
+            kv_per_slot_bytes=est.kv_bytes_per_slot,
+            recurrent_bytes=est.recurrent_bytes,
+            compute_bytes=est.compute_bytes,
+            total_bytes=est.total_bytes,
+            headroom_fraction=request.headroom,
+        )
     return Plan(
         fits=False,
+        refused=refused,
         num_parallel=low,
         num_ctx=request.num_ctx,
         gpus_per_replica=request.gpus_per_replica or 0,
         kv_cache_type=config.type_k,
         kv_cache_type_v=config.type_v,
         flash_attention=request.flash_attention,
-        kv_bytes_per_token=est.kv_bytes_per_token,
-        kv_cells_per_slot=est.kv_cells_per_slot,
-        memory=MemoryBreakdown(
-            weights_bytes=est.weights_bytes,
-            kv_cache_bytes=est.kv_cache_bytes,
-            kv_per_slot_bytes=est.kv_bytes_per_slot,
-            compute_bytes=est.compute_bytes,
-            total_bytes=est.total_bytes,
-            headroom_fraction=request.headroom,
-        ),
-        reason=f"does not fit: {why}",
+        kv_bytes_per_token=per_token,
+        kv_cells_per_slot=cells,
+        swa_cells_per_slot=swa_cells,
+        swa_full=request.swa_full,
+        memory=memory,
+        reason=f"{'refused' if refused else 'does not fit'}: {why}",
+        warnings=_warnings(model, request),
     )

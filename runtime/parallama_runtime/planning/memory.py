@@ -1,0 +1,471 @@
+"""The memory model: how many bytes llama.cpp allocates for a model, a context and its slots.
+
+This module is pure arithmetic over a :class:`~parallama_runtime.planning.model_info.ModelInfo` and
+its :class:`~parallama_runtime.planning.architectures.CacheLayout` (llama.cpp's per-architecture
+rules). It mirrors the allocations llama.cpp makes when the runtime creates its context
+(``n_ctx = num_ctx * slots``, ``n_seq_max = slots``) and is checked against llama.cpp's own buffer
+reports, family by family, in ``tests/memory``:
+
+* **weights**: the tensors' bytes, per layer, on the device that layer is assigned to, with
+  llama.cpp's layer-to-device rule (``upper_bound`` over cumulative split fractions); the token
+  embedding table always stays in host memory, the output head goes with the last layer. The runtime
+  turns llama.cpp's CPU "extra" buffer types off (AMX, CPU_REPACK), so weights are never copied
+  a second time and the plan does not depend on the CPU's features (docs/memory-model.md).
+* **KV cache** (``llama-kv-cache.cpp``): per attention layer and cell, ``row_size(type_k, n_embd_k_gqa)``
+  plus ``row_size(type_v, n_embd_v_gqa)`` (no V with MLA; without flash attention V is transposed and
+  every layer's V row is padded to the widest). A slot is a stream of ``n_ctx_seq`` cells (``num_ctx``
+  padded to 256), or, with ``kv_unified``, all slots share one stream of ``n_ctx`` cells.
+  Sliding-window layers get a small cache (``n_swa`` + a micro-batch, padded to 256) unless
+  ``swa_full`` (``llama-kv-cache-iswa.cpp``).
+* **recurrent state** (``llama-memory-recurrent.cpp``): per recurrent layer, ``n_embd_r`` plus
+  ``n_embd_s`` f32 values per slot, whatever the context length.
+* **compute**: the scheduler's graph buffer for the worst-case micro-batch. It is a high-water mark
+  of ggml's allocator, so the formula is a fit of that mark's parts (see :func:`compute_buffer_bytes`),
+  or an architecture's own rule where its graph differs.
+* **overhead**: a fixed per-device amount (CUDA context, cuBLAS workspace), configurable.
+
+:func:`context_refusal` says which settings llama.cpp refuses to create a context with, in its words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .architectures import CacheLayout, ComputeQuery, compute_rule
+from .model_info import ModelInfo
+
+__all__ = [
+    "DEFAULT_CPU_OVERHEAD_BYTES",
+    "DEFAULT_GPU_OVERHEAD_BYTES",
+    "DeviceMemory",
+    "KVCacheType",
+    "MemoryConfig",
+    "MemoryEstimate",
+    "compute_buffer_bytes",
+    "context_refusal",
+    "estimate_memory",
+    "kv_bytes_per_token",
+    "kv_cells_per_slot",
+    "layer_devices",
+    "row_size",
+    "swa_cells_per_slot",
+]
+
+MiB = 1024 * 1024
+DEFAULT_GPU_OVERHEAD_BYTES = 512 * MiB
+"""CUDA context, cuBLAS workspace and driver allocations: 300 to 500 MiB on current GPUs."""
+DEFAULT_CPU_OVERHEAD_BYTES = 256 * MiB
+"""The runtime process itself (Python, aiohttp, llama.cpp's host-side structures)."""
+
+
+class KVCacheType(StrEnum):
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+
+    @property
+    def is_quantized(self) -> bool:
+        return self in (KVCacheType.Q8_0, KVCacheType.Q4_0)
+
+    @property
+    def block_size(self) -> int:
+        return _BLOCKS[self][0]
+
+    @property
+    def ggml_type(self) -> int:
+        """The ``ggml_type`` enum value llama.cpp's context parameters take."""
+        return {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}[self.value]
+
+
+# (block size in elements, bytes per block), as ggml's type traits
+_BLOCKS: dict[KVCacheType, tuple[int, int]] = {
+    KVCacheType.F32: (1, 4),
+    KVCacheType.F16: (1, 2),
+    KVCacheType.BF16: (1, 2),
+    KVCacheType.Q8_0: (32, 34),
+    KVCacheType.Q4_0: (32, 18),
+}
+
+_CELL_PADDING = 256
+
+
+def row_size(kind: KVCacheType, elements: int) -> int:
+    """ggml_row_size: bytes of one row of ``elements`` values stored as ``kind``."""
+    block, size = _BLOCKS[kind]
+    if elements % block:
+        raise ValueError(f"{kind} rows need a multiple of {block} elements, got {elements}")
+    return elements // block * size
+
+
+def _pad(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def kv_cells_per_slot(num_ctx: int, num_parallel: int, *, unified: bool = False) -> int:
+    """Cells of one KV stream for ``n_ctx = num_ctx * num_parallel`` (``llama_context``'s constructor).
+
+    llama.cpp pads ``n_ctx`` to 256; each slot's stream then holds ``n_ctx / n_seq_max`` padded to 256
+    again. With ``unified`` there is one stream for all slots, of ``n_ctx`` cells.
+    """
+    n_ctx = _pad(num_ctx * num_parallel, _CELL_PADDING)
+    if unified:
+        return n_ctx
+    return _pad(n_ctx // num_parallel, _CELL_PADDING)
+
+
+def swa_cells_per_slot(
+    layout: CacheLayout, num_ctx: int, num_parallel: int, *, n_ubatch: int, swa_full: bool, unified: bool = False
+) -> int:
+    """Cells of one stream of the sliding-window cache (``llama_kv_cache_iswa``'s constructor).
+
+    ``min(base, n_swa * (unified ? n_seq_max : 1) + n_ubatch)`` padded to 256: the window plus room for
+    one micro-batch, since llama.cpp evicts cells that left the window only after a batch.
+    """
+    base = kv_cells_per_slot(num_ctx, num_parallel, unified=unified)
+    if swa_full or not layout.has_swa:
+        return base
+    window = layout.sliding_window * (num_parallel if unified else 1)
+    return _pad(min(base, window + n_ubatch), _CELL_PADDING)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How the runtime will create its llama.cpp context; the inputs of the memory model."""
+
+    num_ctx: int = 4096
+    num_parallel: int = 1
+    kv_cache_type: KVCacheType = KVCacheType.F16
+    flash_attention: bool = True
+    n_ubatch: int = 512
+    gpu_layers: int = -1
+    """Layers to offload; -1 offloads everything, including the output head. 0 is a CPU run."""
+    tensor_split: tuple[float, ...] = (1.0,)
+    """Share of the layers per GPU; its length is the number of GPUs (ignored when gpu_layers == 0)."""
+    device_overhead_bytes: int = DEFAULT_GPU_OVERHEAD_BYTES
+    swa_full: bool = False
+    """Full-size caches for sliding-window layers; False is llama-server's default (a small cache)."""
+    kv_unified: bool = False
+    """One KV stream shared by all slots instead of one stream per slot."""
+
+    @property
+    def effective_n_ubatch(self) -> int:
+        """llama.cpp caps the batch at ``n_ctx`` (before padding) for causal models."""
+        return max(1, min(self.n_ubatch, self.num_ctx * self.num_parallel))
+
+    @property
+    def type_k(self) -> KVCacheType:
+        return self.kv_cache_type
+
+    @property
+    def type_v(self) -> KVCacheType:
+        """llama.cpp refuses a quantized V cache without flash attention; the runtime then keeps f16."""
+        if self.kv_cache_type.is_quantized and not self.flash_attention:
+            return KVCacheType.F16
+        return self.kv_cache_type
+
+    @property
+    def gpu_count(self) -> int:
+        return 0 if self.gpu_layers == 0 else len(self.tensor_split)
+
+
+@dataclass
+class DeviceMemory:
+    """Bytes one device holds. ``device`` is ``cpu`` or ``gpu<i>`` (index within the replica)."""
+
+    device: str
+    layers: int = 0
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    recurrent_bytes: int = 0
+    compute_bytes: int = 0
+    overhead_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return (
+            self.weights_bytes
+            + self.kv_cache_bytes
+            + self.recurrent_bytes
+            + self.compute_bytes
+            + self.overhead_bytes
+        )
+
+
+@dataclass
+class MemoryEstimate:
+    """Per-device bytes of one replica, plus what the host keeps (the embedding table)."""
+
+    config: MemoryConfig
+    devices: list[DeviceMemory]
+    host_bytes: int
+    kv_cells_per_slot: int
+    kv_bytes_per_token: int
+    """KV bytes one more token of context costs: a cell of every layer whose cache grows with the
+    context (sliding-window layers only with ``swa_full``)."""
+    swa_cells_per_slot: int = 0
+    recurrent_bytes_per_slot: int = 0
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(d.weights_bytes for d in self.devices)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(d.kv_cache_bytes for d in self.devices)
+
+    @property
+    def recurrent_bytes(self) -> int:
+        return sum(d.recurrent_bytes for d in self.devices)
+
+    @property
+    def kv_bytes_per_slot(self) -> int:
+        """Cache bytes one slot adds: its share of the KV cache plus its recurrent state."""
+        return self.kv_cache_bytes // self.config.num_parallel + self.recurrent_bytes_per_slot
+
+    @property
+    def compute_bytes(self) -> int:
+        return sum(d.compute_bytes for d in self.devices)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return sum(d.overhead_bytes for d in self.devices)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(d.total_bytes for d in self.devices)
+
+
+def kv_bytes_per_token(
+    model: ModelInfo, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool = True
+) -> int:
+    """KV bytes of one cell over all layers that keep a cache (sliding-window ones included)."""
+    return sum(_kv_bytes_per_layer_cell(model.layout, type_k, type_v, flash_attention=flash_attention))
+
+
+def _kv_bytes_per_layer_cell(
+    layout: CacheLayout, type_k: KVCacheType, type_v: KVCacheType, *, flash_attention: bool
+) -> list[int]:
+    """KV bytes of one cell in each layer, as ``llama_kv_cache``'s constructor lays them out."""
+    # [TAG_V_CACHE_VARIABLE]: without flash attention V is stored transposed, and llama.cpp pads every
+    # layer's V rows to the widest layer's (n_embd_v_gqa_max over all layers; a no-op when alike)
+    widest_v = max((layer.v_elements for layer in layout.layers), default=0)
+    sizes = []
+    for layer in layout.layers:
+        if not layer.in_kv_cache:
+            sizes.append(0)
+            continue
+        v_elements = layer.v_elements
+        if not flash_attention and not layout.is_mla:
+            v_elements = widest_v
+        v_bytes = 0 if layout.is_mla else row_size(type_v, v_elements)
+        sizes.append(row_size(type_k, layer.k_elements) + v_bytes)
+    return sizes
+
+
+def context_refusal(model: ModelInfo, config: MemoryConfig) -> str | None:
+    """Why llama.cpp would refuse to create this context (``llama_init_from_model``), or None.
+
+    The runtime keeps V in f16 when the KV type is quantized without flash attention (llama.cpp
+    refuses a quantized V cache then), so ``config.type_v`` already reflects that choice.
+    """
+    layout = model.layout
+    type_k, type_v = config.type_k, config.type_v
+    if layout.is_mla and type_k != type_v:
+        return (
+            f"llama.cpp refuses different K ({type_k.value}) and V ({type_v.value}) cache types for "
+            f"multi-head latent attention ({model.architecture}); "
+            + ("use an f16 KV cache" if config.flash_attention else "enable flash attention or use f16")
+        )
+    if config.flash_attention:
+        for kind, cache_type, head in (("K", type_k, "head_k"), ("V", type_v, "head_v")):
+            if not cache_type.is_quantized:
+                continue
+            sizes = sorted({getattr(layer, head) for layer in layout.layers if getattr(layer, head)})
+            bad = [size for size in sizes if size % cache_type.block_size]
+            if bad:
+                return (
+                    f"llama.cpp refuses a {cache_type.value} {kind} cache with flash attention: its block "
+                    f"of {cache_type.block_size} does not divide the {kind} head size {bad[0]}"
+                )
+    for layer in layout.layers:
+        if not layer.in_kv_cache:
+            continue
+        for cache_type, elements in ((type_k, layer.k_elements), (type_v, layer.v_elements)):
+            if elements % cache_type.block_size:
+                return (
+                    f"a {cache_type.value} cache row needs a multiple of {cache_type.block_size} values, "
+                    f"a layer of this model has {elements}"
+                )
+    return None
+
+
+def layer_devices(block_count: int, gpu_layers: int, split: tuple[float, ...]) -> list[int]:
+    """The device of each layer and of the output head (the last entry); -1 means the CPU.
+
+    A copy of llama.cpp's ``llama_model::load_tensors`` rule: the offloaded block is the last
+    ``gpu_layers`` of ``block_count + 1`` (the output head counts as a layer), and layer ``il`` goes to
+    the first GPU whose cumulative split fraction exceeds ``(il - start) / offloaded``.
+    """
+    n_all = block_count + 1
+    if gpu_layers < 0 or gpu_layers > n_all:
+        gpu_layers = n_all
+    if gpu_layers == 0 or not split:
+        return [-1] * n_all
+    total = sum(split)
+    if total <= 0:
+        raise ValueError("tensor split fractions must add up to more than zero")
+    cumulative: list[float] = []
+    running = 0.0
+    for share in split:
+        running += share
+        cumulative.append(running / total)
+    start = n_all - gpu_layers
+    devices: list[int] = []
+    for layer in range(n_all):
+        if layer < start:
+            devices.append(-1)
+            continue
+        position = (layer - start) / gpu_layers
+        index = next((i for i, edge in enumerate(cumulative) if edge > position), len(split) - 1)
+        devices.append(index)
+    return devices
+
+
+def compute_buffer_bytes(
+    model: ModelInfo,
+    n_kv: int,
+    *,
+    flash_attention: bool,
+    n_ubatch: int = 512,
+    with_output: bool = True,
+    n_kv_swa: int | None = None,
+    n_seqs: int = 1,
+) -> int:
+    """Size of llama.cpp's compute (graph) buffer for a micro-batch of ``n_ubatch`` tokens.
+
+    An architecture with a rule of its own (:func:`~.architectures.compute_rule`) uses it; the generic
+    rule below fits llama-shaped graphs. ggml's allocator reuses memory, so the buffer is the
+    high-water mark of the live tensors, plus the inputs that live for the whole graph. Measured on
+    llama.cpp's CPU backend (see ``docs/memory-model.md``), per token of the micro-batch, in 4-byte
+    floats:
+
+    * the attention masks, alive through every layer: ``n_kv`` (f32), or ``n_kv / 2`` with flash
+      attention (f16), and as much again for the sliding-window mask, plus the larger of two phases:
+      - attention without flash attention: ``n_kv * n_head`` (the KQ matrix) ``+ 5 n_embd + 2 n_embd_kv``;
+      - attention with flash attention: ``8 n_embd + 2 n_embd_kv``;
+      - feed-forward: ``3 n_ff + 4 n_embd`` (gate, up and their product, next to the residual stream);
+    * or, if larger, the output phase, when the masks are gone: ``n_vocab + n_embd`` (the logits of
+      every token of the worst-case batch).
+
+    ``n_kv`` is the cells one stream attends over (with per-slot streams the slot count does not enter).
+    """
+    layout = model.layout
+    swa_cells = n_kv if n_kv_swa is None else n_kv_swa
+    rule = compute_rule(model.architecture)
+    if rule is not None:
+        query = ComputeQuery(
+            n_ubatch=n_ubatch,
+            n_seqs=n_seqs,
+            n_kv=n_kv,
+            n_kv_swa=swa_cells,
+            flash_attention=flash_attention,
+            with_output=with_output,
+            n_vocab=model.vocab_size,
+        )
+        return rule(model.hparams, layout, query)
+    n_embd = model.embedding_length
+    n_embd_kv = max((layer.k_elements for layer in layout.layers), default=0)
+    # for mixture-of-experts models the routed experts' intermediate (n_ff_exp x experts used) is of
+    # the same order as the dense n_ff the header gives, so n_ff stands for both
+    n_ff = model.feed_forward_length or 4 * n_embd
+    masks = n_kv + (swa_cells if layout.has_swa else 0)
+    mask = masks / 2 if flash_attention else masks
+    if flash_attention:
+        attention = 8 * n_embd + 2 * n_embd_kv
+    else:
+        attention = n_kv * model.head_count + 5 * n_embd + 2 * n_embd_kv
+    feed_forward = 3 * n_ff + 4 * n_embd
+    output = model.vocab_size + n_embd if with_output else 0
+    floats_per_token = max(mask + attention, mask + feed_forward, output)
+    return int(floats_per_token * 4 * n_ubatch)
+
+
+def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
+    """Bytes per device for one replica running ``model`` with ``config``.
+
+    Raises ``ValueError`` for settings llama.cpp refuses (see :func:`context_refusal`).
+    """
+    if config.num_ctx <= 0 or config.num_parallel <= 0:
+        raise ValueError("num_ctx and num_parallel must be positive")
+    refusal = context_refusal(model, config)
+    if refusal:
+        raise ValueError(refusal)
+    layout = model.layout
+    type_k, type_v = config.type_k, config.type_v
+    n_ubatch = config.effective_n_ubatch
+    unified = config.kv_unified
+    streams = 1 if unified else config.num_parallel
+    cells = kv_cells_per_slot(config.num_ctx, config.num_parallel, unified=unified)
+    swa_cells = swa_cells_per_slot(
+        layout, config.num_ctx, config.num_parallel, n_ubatch=n_ubatch, swa_full=config.swa_full, unified=unified
+    )
+    fa = config.flash_attention
+    per_layer_cell = _kv_bytes_per_layer_cell(layout, type_k, type_v, flash_attention=fa)
+    # recurrent state: one cell per slot (rs_size = max(1, n_seq_max)), f32 rows of n_embd_r and n_embd_s
+    state_cells = max(1, config.num_parallel)
+    per_layer_state = [4 * (layer.r_elements + layer.s_elements) for layer in layout.layers]
+    per_token = sum(
+        size for size, layer in zip(per_layer_cell, layout.layers, strict=True) if config.swa_full or not layer.swa
+    )
+
+    gpu_count = config.gpu_count
+    assignment = layer_devices(model.block_count, config.gpu_layers, config.tensor_split)
+    names = [f"gpu{i}" for i in range(gpu_count)] or ["cpu"]
+    devices = {name: DeviceMemory(device=name) for name in names}
+    cpu = devices.get("cpu") or DeviceMemory(device="cpu")
+
+    def device_for(index: int) -> DeviceMemory:
+        return cpu if index < 0 else devices[f"gpu{index}"]
+
+    for index, layer in enumerate(layout.layers):
+        target = device_for(assignment[index])
+        target.layers += 1
+        target.weights_bytes += model.layer_bytes[index]
+        layer_cells = swa_cells if layer.swa else cells
+        target.kv_cache_bytes += per_layer_cell[index] * layer_cells * streams
+        target.recurrent_bytes += per_layer_state[index] * state_cells
+    output_device = device_for(assignment[-1])
+    output_device.weights_bytes += model.output_bytes
+    host_bytes = model.embedding_bytes
+    if gpu_count == 0:
+        cpu.weights_bytes += model.embedding_bytes
+        host_bytes = 0
+
+    for memory in devices.values():
+        is_output = memory is output_device
+        if memory.layers or is_output:
+            memory.compute_bytes = compute_buffer_bytes(
+                model,
+                cells,
+                flash_attention=fa,
+                n_ubatch=n_ubatch,
+                with_output=is_output,
+                n_kv_swa=swa_cells,
+                n_seqs=config.num_parallel,
+            )
+        memory.overhead_bytes = config.device_overhead_bytes if gpu_count else DEFAULT_CPU_OVERHEAD_BYTES
+    if gpu_count and cpu.layers:
+        # partial offload: the CPU layers, their KV and state live in host memory next to the embeddings
+        host_bytes += cpu.weights_bytes + cpu.kv_cache_bytes + cpu.recurrent_bytes
+    return MemoryEstimate(
+        config=config,
+        devices=list(devices.values()),
+        host_bytes=host_bytes,
+        kv_cells_per_slot=cells,
+        kv_bytes_per_token=per_token,
+        swa_cells_per_slot=swa_cells,
+        recurrent_bytes_per_slot=sum(per_layer_state),
+    )
