@@ -127,6 +127,7 @@ def runtime_env(spec: ModelDeploymentSpec, plan: PlanStatus) -> list[dict[str, s
         "PARALLAMA_GPU_LAYERS": "-1",
         "PARALLAMA_TENSOR_SPLIT": ",".join(plan.tensor_split) if plan.gpus_per_replica > 1 else "",
         "PARALLAMA_MODEL": model_path(spec),
+        "PARALLAMA_SWA_FULL": "1" if spec.swa_full else "0",
     }
     if spec.engine == Engine.OLLAMA:
         env |= {"OLLAMA_MODELS": "/data/ollama", "HOME": "/tmp", "OLLAMA_KEEP_ALIVE": "-1"}

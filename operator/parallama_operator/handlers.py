@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
-from parallama_runtime.model_info import ModelInfo, ModelSourceError, read_model_info
+from parallama_runtime.planning.model_info import (
+    ModelInfo,
+    ModelSourceError,
+    UnsupportedModelError,
+    read_model_info,
+)
 from pydantic import ValidationError
 
 from . import metrics
@@ -336,6 +341,9 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         return
     try:
         model = await STATE.model_info(spec)
+    except UnsupportedModelError as error:
+        await _mark_invalid(body, "UnsupportedModel", str(error))
+        return
     except ModelSourceError as error:
         await _mark_invalid(body, "ModelUnreadable", str(error))
         return
@@ -343,6 +351,9 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     client = STATE.kube
     extra = int(status.get("extraReserveBytes") or 0)
     plan = compute_plan(spec, model, nodes, extra)
+    if plan.refused:  # llama.cpp would refuse these settings on any node: a spec error, not capacity
+        await _mark_invalid(body, "UnsupportedSettings", plan.reason)
+        return
     planned = plan_status(plan, spec)
     metrics.PLANS.labels(str(plan.fits).lower()).inc()
     previous: Mapping[str, Any] = status.get("plan") or {}

@@ -11,9 +11,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from parallama_runtime.memory import KVCacheType
-from parallama_runtime.model_info import ModelInfo, model_info_from_metadata
-from parallama_runtime.planner import Plan, PlanRequest, make_plan
+from parallama_runtime.planning.memory import KVCacheType
+from parallama_runtime.planning.model_info import ModelInfo, model_info_from_metadata
+from parallama_runtime.planning.planner import Plan, PlanRequest, make_plan
 
 from .inventory import node_gpus, planner_nodes
 from .resources import Condition, MemoryStatus, ModelDeploymentSpec, Phase, PlanStatus
@@ -56,6 +56,7 @@ def plan_request(spec: ModelDeploymentSpec, extra_reserve_bytes: int = 0) -> Pla
         profile=par.profile.value,
         kv_cache_type=KVCacheType(spec.kv_cache_type.value),
         flash_attention=spec.flash_attention,
+        swa_full=spec.swa_full,
         headroom=spec.headroom,
         gpus_per_replica=spec.gpu.count,
         gpu_product=spec.gpu.product,
@@ -96,6 +97,8 @@ def plan_hash(plan: Plan, spec: ModelDeploymentSpec) -> str:
         "split": plan.tensor_split,
         "engine": spec.engine.value,
     }
+    if plan.swa_full:  # only when set, so that existing Deployments keep their hash (and their pods)
+        essence["swa_full"] = True
     return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -115,6 +118,7 @@ def plan_status(plan: Plan, spec: ModelDeploymentSpec) -> PlanStatus:
             weights_bytes=mem.weights_bytes,
             kv_per_slot_bytes=mem.kv_per_slot_bytes,
             kv_cache_bytes=mem.kv_cache_bytes,
+            recurrent_bytes=mem.recurrent_bytes,
             compute_bytes=mem.compute_bytes,
             overhead_bytes=mem.overhead_bytes,
             headroom_bytes=mem.headroom_bytes,

@@ -79,6 +79,18 @@ class ModelMetadata(_Camel):
         default=None, gt=0, description="Multi-head latent attention (DeepSeek)."
     )
     rope_dimension_count: int | None = Field(default=None, gt=0)
+    key_length_mla: int | None = Field(
+        default=None,
+        gt=0,
+        description="Set by DeepSeek conversions since llama.cpp's MLA change (April 2025): the cache "
+        "then holds one latent row per token; without it llama.cpp caches full per-head K and V.",
+    )
+    value_length_mla: int | None = Field(default=None, gt=0)
+    gguf: dict[str, Any] | None = Field(
+        default=None,
+        description="Further GGUF key/values llama.cpp reads, without the architecture prefix "
+        "(e.g. attention.sliding_window_pattern, ssm.state_size), for what the fields above do not cover.",
+    )
     name: str | None = None
 
 
@@ -255,6 +267,11 @@ class ModelDeploymentSpec(_Camel):
     parallelism: Parallelism = Field(default_factory=Parallelism)
     kv_cache_type: KVCache = KVCache.F16
     flash_attention: bool = True
+    swa_full: bool = Field(
+        default=False,
+        description="Full-size KV caches for sliding-window layers (llama.cpp's swa_full). Off, like"
+        " llama-server: those layers keep only their window, so several times more slots fit.",
+    )
     headroom: float = Field(default=0.2, ge=0.0, le=0.9, description="Share of GPU memory kept free.")
     gpu: GPU = Field(default_factory=GPU)
     replicas: int = Field(default=1, ge=0, le=1000)
@@ -299,6 +316,8 @@ class MemoryStatus(_Camel):
     weights_bytes: int = 0
     kv_per_slot_bytes: int = 0
     kv_cache_bytes: int = 0
+    recurrent_bytes: int = 0
+    """Recurrent state of Mamba/RWKV-style layers: fixed per slot (0 for attention-only models)."""
     compute_bytes: int = 0
     overhead_bytes: int = 0
     headroom_bytes: int = 0

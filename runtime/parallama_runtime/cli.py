@@ -16,11 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from .gpu_catalog import GPU_CATALOG, lookup_gpu_memory_mib
-from .memory import KVCacheType
-from .model_info import ModelInfo, ModelSourceError, model_info_from_metadata, read_model_info
-from .planner import Node, Plan, PlanRequest, format_bytes, make_plan
-from .presets import PRESETS
+from .planning.gpu_catalog import GPU_CATALOG, lookup_gpu_memory_mib
+from .planning.memory import KVCacheType
+from .planning.model_info import ModelInfo, ModelSourceError, model_info_from_metadata, read_model_info
+from .planning.planner import Node, Plan, PlanRequest, format_bytes, make_plan
+from .planning.presets import PRESETS
 
 __all__ = ["main", "parse_gpus", "resolve_model"]
 
@@ -113,6 +113,12 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headroom", type=float, default=0.2, help="fraction of GPU memory kept free")
     parser.add_argument("--gpus-per-replica", type=int, default=None)
     parser.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--swa-full",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="full-size caches for sliding-window layers (default off, like llama-server)",
+    )
     parser.add_argument("--output", choices=["table", "json"], default="table")
 
 
@@ -128,6 +134,7 @@ def _run_plan(args: argparse.Namespace, out: TextIO) -> int:
             headroom=args.headroom,
             gpus_per_replica=args.gpus_per_replica,
             flash_attention=args.flash_attention,
+            swa_full=args.swa_full,
         )
         nodes = parse_gpus(args.gpus)
         model = resolve_model(args.model)
@@ -145,6 +152,8 @@ def _run_plan(args: argparse.Namespace, out: TextIO) -> int:
         out.write("\n")
     else:
         out.write(render_table(model, plan))
+    if plan.refused:  # llama.cpp would refuse these settings on any hardware: the request is at fault
+        return EXIT_BAD_INPUT
     return EXIT_FITS if plan.fits else EXIT_DOES_NOT_FIT
 
 
@@ -185,6 +194,14 @@ def render_table(model: ModelInfo, plan: Plan) -> str:
         f"slots      {plan.num_parallel} x {plan.num_ctx} tokens (KV {plan.kv_cache_type.value}"
         f"{'' if plan.kv_cache_type_v == plan.kv_cache_type else ', V ' + plan.kv_cache_type_v.value}, "
         f"{plan.kv_bytes_per_token} bytes/token, flash attention {'on' if plan.flash_attention else 'off'})",
+        *(
+            [
+                f"swa cache  {plan.swa_cells_per_slot} of {plan.kv_cells_per_slot} cells per slot on"
+                " sliding-window layers (--swa-full keeps them all)"
+            ]
+            if 0 < plan.swa_cells_per_slot < plan.kv_cells_per_slot
+            else []
+        ),
         (
             f"replica    {plan.gpus_per_replica} GPU{'s' if plan.gpus_per_replica != 1 else ''}"
             + (f" of {plan.node_shape}" if plan.node_shape else "")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
-from .memory import KVCacheType, MemoryConfig
+from .planning.memory import KVCacheType, MemoryConfig
 
 __all__ = [
     "Engine",
@@ -76,6 +76,8 @@ class EngineConfig:
     threads: int | None = None
     max_queue: int = 64
     n_batch: int = 512
+    swa_full: bool = False
+    """Full-size caches for sliding-window layers; False keeps llama-server's small window cache."""
 
     @property
     def memory_config(self) -> MemoryConfig:
@@ -85,6 +87,7 @@ class EngineConfig:
             kv_cache_type=self.kv_cache_type,
             flash_attention=self.flash_attention,
             n_ubatch=self.n_batch,
+            swa_full=self.swa_full,
         )
 
 
@@ -288,6 +291,11 @@ class Engine:
         cfg = self.config
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = cfg.gpu_layers if cfg.gpu_layers >= 0 else 999
+        # No CPU "extra" buffer types (AMX, CPU_REPACK): with them llama.cpp keeps a second, repacked
+        # copy of CPU-resident weights whose size depends on the CPU's features, which no plan made
+        # elsewhere (the operator's) can know. GPU replicas keep nothing but the embeddings on the CPU,
+        # so they lose nothing; see docs/memory-model.md.
+        mparams.use_extra_bufts = False
         if cfg.tensor_split:
             split = (ctypes.c_float * max(lib.LLAMA_MAX_DEVICES, len(cfg.tensor_split)))()
             for i, share in enumerate(cfg.tensor_split):
@@ -308,6 +316,7 @@ class Engine:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.kv_unified = False
+        cparams.swa_full = cfg.swa_full
         cparams.type_k = mem.type_k.ggml_type
         cparams.type_v = mem.type_v.ggml_type
         cparams.flash_attn_type = (

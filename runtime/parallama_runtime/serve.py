@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -30,9 +30,9 @@ from aiohttp import web
 from .api import ModelCard, RuntimeAPI
 from .demo_model import DEMO_SHAPE
 from .engine import Engine, EngineConfig
-from .memory import KVCacheType, MemoryConfig, estimate_memory
 from .metrics import RuntimeMetrics
-from .model_info import ModelInfo, ModelSourceError, model_info_from_gguf
+from .planning.memory import KVCacheType, estimate_memory
+from .planning.model_info import ModelInfo, ModelSourceError, model_info_from_gguf
 from .telemetry import NvmlSampler
 from .termination import format_allocation_failure, write_termination_message
 
@@ -60,6 +60,9 @@ class ServeSettings:
     flash_attention: bool = True
     gpu_layers: int = -1
     tensor_split: tuple[float, ...] = ()
+    swa_full: bool = False
+    """Full-size caches for sliding-window layers; False is llama-server's default (a window-sized
+    cache), which lets several times more slots fit for models such as Gemma."""
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     served_name: str | None = None
@@ -90,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gpu-layers", type=int, help="layers to offload, -1 = all (env PARALLAMA_GPU_LAYERS)"
     )
     parser.add_argument("--tensor-split", help="comma list of fractions per GPU (env PARALLAMA_TENSOR_SPLIT)")
+    parser.add_argument(
+        "--swa-full",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="full-size caches for sliding-window layers (env PARALLAMA_SWA_FULL; off, like llama-server)",
+    )
     parser.add_argument("--host", help="listen address (env OLLAMA_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("--served-name", help="model name clients use (default: the file's stem)")
@@ -184,6 +193,12 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] | None = N
     elif env.get("PARALLAMA_TENSOR_SPLIT", "").strip():
         s.tensor_split = _split(env["PARALLAMA_TENSOR_SPLIT"], "PARALLAMA_TENSOR_SPLIT")
 
+    swa_full = getattr(args, "swa_full", None)
+    if swa_full is not None:
+        s.swa_full = bool(swa_full)
+    elif env.get("PARALLAMA_SWA_FULL", "").strip():
+        s.swa_full = _bool(env["PARALLAMA_SWA_FULL"], "PARALLAMA_SWA_FULL")
+
     host = getattr(args, "host", None)
     port = getattr(args, "port", None)
     if host is None and env.get("OLLAMA_HOST", "").strip():
@@ -261,12 +276,17 @@ class Server:
             self.plan_reason = f"{s.parallel} slots as configured"
             return s.parallel
         from .local_inventory import local_nodes
-        from .planner import PlanRequest, make_plan
+        from .planning.planner import PlanRequest, make_plan
 
         plan = make_plan(
             info,
             local_nodes(),
-            PlanRequest(num_ctx=s.num_ctx, kv_cache_type=s.kv_cache_type, flash_attention=s.flash_attention),
+            PlanRequest(
+                num_ctx=s.num_ctx,
+                kv_cache_type=s.kv_cache_type,
+                flash_attention=s.flash_attention,
+                swa_full=s.swa_full,
+            ),
         )
         self.plan_reason = plan.reason
         if not plan.fits:
@@ -274,6 +294,22 @@ class Server:
             return 1
         log.info("auto parallelism: %s", plan.reason)
         return plan.num_parallel
+
+    def engine_config(self, path: Path, slots: int) -> EngineConfig:
+        """The llama.cpp context the settings ask for; its ``memory_config`` is what was planned."""
+        s = self.settings
+        return EngineConfig(
+            model_path=str(path),
+            num_parallel=slots,
+            num_ctx=s.num_ctx,
+            kv_cache_type=s.kv_cache_type,
+            flash_attention=s.flash_attention,
+            gpu_layers=s.gpu_layers,
+            tensor_split=s.tensor_split,
+            threads=s.threads,
+            max_queue=s.max_queue,
+            swa_full=s.swa_full,
+        )
 
     async def serve(self, ready: threading.Event | None = None, install_signals: bool = True) -> int:
         s = self.settings
@@ -290,17 +326,7 @@ class Server:
         slots = self._slots(info)
         # the demo model's file name carries a content hash; clients should not have to know it
         name = s.served_name or (path.stem if s.model else DEMO_SHAPE.name)
-        config = EngineConfig(
-            model_path=str(path),
-            num_parallel=slots,
-            num_ctx=s.num_ctx,
-            kv_cache_type=s.kv_cache_type,
-            flash_attention=s.flash_attention,
-            gpu_layers=s.gpu_layers,
-            tensor_split=s.tensor_split,
-            threads=s.threads,
-            max_queue=s.max_queue,
-        )
+        config = self.engine_config(path, slots)
         engine = Engine(config, observer=self.metrics)
         self.engine = engine
         stat = path.stat()
@@ -320,11 +346,8 @@ class Server:
         self.metrics.bind(lambda: engine.stats() if engine.loaded else None, self.sampler.samples)
         gpus = self.sampler.start()
         gpu_count = len(self.sampler.samples()) if gpus else 0
-        planned = MemoryConfig(
-            num_ctx=s.num_ctx,
-            num_parallel=slots,
-            kv_cache_type=s.kv_cache_type,
-            flash_attention=s.flash_attention,
+        planned = replace(
+            config.memory_config,
             gpu_layers=s.gpu_layers if gpu_count else 0,
             tensor_split=s.tensor_split or (1.0,) * max(gpu_count, 1),  # llama.cpp spreads over all GPUs
         )

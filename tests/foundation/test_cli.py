@@ -76,6 +76,46 @@ def test_table_reads_like_a_capacity_report(capsys: pytest.CaptureFixture[str]) 
     assert 5 <= len(bars) <= 8 and all("[" in bar and "|" in bar for bar in bars)
 
 
+GEMMA3_12B = {  # 5 of every 6 layers attend to a window of 1024 tokens only
+    "architecture": "gemma3",
+    "sizeBytes": 8_000_000_000,
+    "blockCount": 48,
+    "embeddingLength": 3840,
+    "headCount": 16,
+    "headCountKv": 8,
+    "keyLength": 256,
+    "valueLength": 256,
+    "contextLength": 131072,
+    "vocabSize": 262144,
+    "feedForwardLength": 15360,
+    "slidingWindow": 1024,
+}
+
+
+def test_swa_full_is_planned_and_the_table_shows_the_window_cache(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model = tmp_path / "gemma3.json"
+    model.write_text(json.dumps(GEMMA3_12B))
+    common = ["--model", str(model), "--gpus", "1xL40S", "--num-ctx", "32768"]
+    _, out, _ = run(capsys, *common, "--output", "json")
+    small = json.loads(out)
+    _, out, _ = run(capsys, *common, "--swa-full", "--output", "json")
+    full = json.loads(out)
+    assert small["swa_full"] is False and full["swa_full"] is True
+    assert small["swa_cells_per_slot"] < small["kv_cells_per_slot"] == full["swa_cells_per_slot"]
+    assert small["memory"]["kv_per_slot_bytes"] < full["memory"]["kv_per_slot_bytes"]
+    assert small["num_parallel"] > full["num_parallel"]
+
+    _, table, _ = run(capsys, *common)
+    line = next(line for line in table.splitlines() if line.startswith("swa cache"))
+    assert f"{small['swa_cells_per_slot']} of {small['kv_cells_per_slot']} cells" in line
+    _, table, _ = run(capsys, *common, "--swa-full")
+    assert "swa cache" not in table
+    _, table, _ = run(capsys, "--model", "llama-3.1-8b", "--gpus", "1xL4")
+    assert "swa cache" not in table  # no sliding-window layers, no line
+
+
 def test_gpu_specs() -> None:
     two = parse_gpus("2x24GiB")
     assert (two[0].gpu_count, two[0].gpu_memory_bytes) == (2, 24 * 1024**3)

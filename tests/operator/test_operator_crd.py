@@ -104,6 +104,8 @@ def test_defaults_are_applied(schema: dict[str, Any]) -> None:
     assert spec["gpu"]["resourceName"] == "nvidia.com/gpu"
     assert spec["parallelism"]["minParallel"] == 1
     assert spec["service"] == {"type": "ClusterIP", "port": 11434}
+    assert spec["swaFull"] is False  # llama-server's default: window-sized sliding-window caches
+    assert ModelDeploymentSpec.model_validate(obj["spec"]).swa_full is False
 
 
 VALID = [

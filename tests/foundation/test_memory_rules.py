@@ -1,0 +1,127 @@
+"""llama.cpp's rules as the planner applies them, on explicit metadata (no llama.cpp needed).
+
+The byte-for-byte comparisons with llama.cpp itself are in tests/memory; these tests pin the rules'
+consequences for the planner: refusals, unsupported architectures, cell counts, SWA and unified
+caches, the DeepSeek conversions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from parallama_runtime.cli import main as cli_main
+from parallama_runtime.planning.errors import UnsupportedModelError
+from parallama_runtime.planning.memory import (
+    KVCacheType,
+    MemoryConfig,
+    context_refusal,
+    estimate_memory,
+    kv_cells_per_slot,
+)
+from parallama_runtime.planning.model_info import model_info_from_metadata
+from parallama_runtime.planning.planner import Node, PlanRequest, make_plan
+from parallama_runtime.planning.presets import PRESETS
+
+GiB = 1024**3
+L4 = Node(name="l4", product="NVIDIA-L4", gpu_count=1, gpu_memory_bytes=24 * GiB)
+
+
+def llama(**overrides: object) -> dict[str, object]:
+    metadata: dict[str, object] = {
+        "architecture": "llama",
+        "block_count": 4,
+        "embedding_length": 2560,
+        "head_count": 32,
+        "head_count_kv": 8,
+        "context_length": 8192,
+        "size_bytes": 1_000_000_000,
+    }
+    metadata.update(overrides)
+    return metadata
+
+
+def test_quantized_k_with_flash_attention_needs_a_head_size_the_block_divides() -> None:
+    """phi-2-like heads of 80: llama.cpp refuses q8_0/q4_0 K with flash attention (80 % 32 != 0)."""
+    model = model_info_from_metadata(llama())
+    assert model.key_length == 80
+    for kv in (KVCacheType.Q8_0, KVCacheType.Q4_0):
+        refusal = context_refusal(model, MemoryConfig(kv_cache_type=kv, flash_attention=True))
+        assert refusal is not None and "head size 80" in refusal and kv.value in refusal
+        with pytest.raises(ValueError, match="head size 80"):
+            estimate_memory(model, MemoryConfig(kv_cache_type=kv, flash_attention=True))
+    # f16 is fine, and so is q8_0 without flash attention (K rows of 8 x 80 = 640 values; V stays f16)
+    assert context_refusal(model, MemoryConfig(kv_cache_type=KVCacheType.F16)) is None
+    assert context_refusal(model, MemoryConfig(kv_cache_type=KVCacheType.Q8_0, flash_attention=False)) is None
+
+
+def test_a_refused_plan_says_why_and_the_cli_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = model_info_from_metadata(llama())
+    plan = make_plan(model, [L4], PlanRequest(kv_cache_type=KVCacheType.Q8_0))
+    assert not plan.fits and plan.refused
+    assert plan.reason.startswith("refused:") and "head size 80" in plan.reason
+
+    path = tmp_path / "hd80.json"
+    path.write_text(json.dumps(llama()))
+    code = cli_main(["plan", "--model", str(path), "--gpus", "1xL4", "--kv-cache-type", "q8_0"])
+    out = capsys.readouterr().out
+    assert code == 2
+    assert "head size 80" in out
+
+
+def test_an_architecture_without_rules_is_named_never_planned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(UnsupportedModelError, match="'made-up-arch' cannot be planned yet"):
+        model_info_from_metadata(llama(architecture="made-up-arch"))
+    path = tmp_path / "unknown.json"
+    path.write_text(json.dumps(llama(architecture="made-up-arch")))
+    assert cli_main(["plan", "--model", str(path), "--gpus", "1xL4"]) == 2
+    assert "made-up-arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("num_ctx", "slots"), [(4096, 4), (1000, 3), (300, 7), (8192, 1)])
+def test_unified_cache_is_one_stream_of_all_cells(num_ctx: int, slots: int) -> None:
+    per_slot = kv_cells_per_slot(num_ctx, slots)
+    unified = kv_cells_per_slot(num_ctx, slots, unified=True)
+    assert per_slot % 256 == 0 and unified % 256 == 0
+    assert per_slot >= num_ctx and unified >= num_ctx * slots
+    model = model_info_from_metadata(llama(embedding_length=4096))
+    split = estimate_memory(model, MemoryConfig(num_ctx=num_ctx, num_parallel=slots))
+    pooled = estimate_memory(model, MemoryConfig(num_ctx=num_ctx, num_parallel=slots, kv_unified=True))
+    assert split.kv_cache_bytes == split.kv_bytes_per_token * per_slot * slots
+    assert pooled.kv_cache_bytes == pooled.kv_bytes_per_token * unified
+
+
+def test_deepseek_conversions_cache_what_llama_cpp_caches() -> None:
+    """The seed's 202 GB R1: files converted before llama.cpp's MLA change cache full per-head K and V
+    (4,997,120 bytes per token in f16); the re-converted ones one latent row (70,272)."""
+    legacy = model_info_from_metadata(PRESETS["deepseek-r1-q2"])
+    mla = model_info_from_metadata(PRESETS["deepseek-r1-q2-mla"])
+    config = MemoryConfig(num_ctx=4096, num_parallel=4)
+    assert estimate_memory(legacy, config).kv_bytes_per_token == 4_997_120
+    assert estimate_memory(mla, config).kv_bytes_per_token == 70_272
+    assert not legacy.is_mla and mla.is_mla
+    # 4 slots of 4096 in the legacy conversion: about 76 GiB of KV, as the issue measured
+    assert round(estimate_memory(legacy, config).kv_cache_bytes / GiB) == 76
+    # MLA refuses different K and V types: a quantized K without flash attention keeps V in f16
+    refusal = context_refusal(mla, MemoryConfig(kv_cache_type=KVCacheType.Q8_0, flash_attention=False))
+    assert refusal is not None and "different K (q8_0) and V (f16)" in refusal
+    assert context_refusal(legacy, MemoryConfig(kv_cache_type=KVCacheType.Q8_0, flash_attention=False)) is None
+
+
+def test_the_seed_model_on_8_l20_plans_what_really_fits() -> None:
+    l20 = Node(name="l20", product="NVIDIA-L20", gpu_count=8, gpu_memory_bytes=48 * 10**9)
+    legacy = model_info_from_metadata(PRESETS["deepseek-r1-q2"])
+    mla = model_info_from_metadata(PRESETS["deepseek-r1-q2-mla"])
+    plan_legacy = make_plan(legacy, [l20], PlanRequest(num_ctx=8192))
+    plan_mla = make_plan(mla, [l20], PlanRequest(num_ctx=8192))
+    assert plan_legacy.fits and plan_mla.fits
+    # the full K and V of the old conversion leave room for fewer slots than the latent cache
+    assert plan_legacy.num_parallel < plan_mla.num_parallel == 4
+    for plan in (plan_legacy, plan_mla):
+        for device in plan.devices:
+            assert device.total_bytes <= device.usable_bytes
