@@ -13,10 +13,14 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["BENCH_SHAPE", "DEMO_SHAPE", "ModelShape", "cached_demo_model", "write_model"]
+if TYPE_CHECKING:
+    import gguf
+
+__all__ = ["BENCH_SHAPE", "DEMO_SHAPE", "ModelShape", "add_vocabulary", "cached_demo_model", "write_model"]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -90,6 +94,23 @@ def _vocabulary(size: int = 0) -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores, types
 
 
+def add_vocabulary(writer: gguf.GGUFWriter, size: int = 0) -> int:
+    """Add the byte-level SentencePiece vocabulary and chat template to ``writer``; its token count."""
+    tokens, scores, types = _vocabulary(size)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    return len(tokens)
+
+
 def write_model(path: str | os.PathLike[str], shape: ModelShape = DEMO_SHAPE, *, seed: int = 0) -> Path:
     """Write a GGUF model of ``shape`` to ``path`` (atomically) and return the path."""
     import gguf
@@ -99,8 +120,7 @@ def write_model(path: str | os.PathLike[str], shape: ModelShape = DEMO_SHAPE, *,
     rng = np.random.default_rng(seed)
     dtype = np.float16 if shape.dtype == "f16" else np.float32
     file_type = gguf.LlamaFileType.MOSTLY_F16 if shape.dtype == "f16" else gguf.LlamaFileType.ALL_F32
-    tokens, scores, types = _vocabulary(shape.vocab_size)
-    vocab = len(tokens)
+    vocab = len(_vocabulary(shape.vocab_size)[0])
     hd = shape.head_dim
     n_embd = shape.embedding_length
 
@@ -117,17 +137,7 @@ def write_model(path: str | os.PathLike[str], shape: ModelShape = DEMO_SHAPE, *,
     writer.add_rope_dimension_count(hd)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_vocab_size(vocab)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    add_vocabulary(writer, shape.vocab_size)
 
     def weight(rows: int, cols: int, scale: float = 0.02) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(dtype)

@@ -34,11 +34,20 @@ _KV_SUMMARY = re.compile(
     r"V \((?P<type_v>\w+)\):\s+(?P<v_mib>[0-9.]+) MiB"
 )
 _RS_SUMMARY = re.compile(
-    r"^llama_memory_recurrent: size =\s+(?P<mib>[0-9.]+) MiB \(\s*(?P<cells>\d+) cells,\s+(?P<layers>\d+) layers,"
+    r"^llama_memory_recurrent: size =\s+(?P<mib>[0-9.]+) MiB "
+    r"\(\s*(?P<cells>\d+) cells,\s+(?P<layers>\d+) layers,"
     r"\s+(?P<seqs>\d+) seqs\s+(?P<rs_seq>\d+) rs_seq\), R \((?P<type_r>\w+)\):\s+(?P<r_mib>[0-9.]+) MiB, "
     r"S \((?P<type_s>\w+)\):\s+(?P<s_mib>[0-9.]+) MiB"
 )
-_COMPONENTS = {"model": "weights", "KV": "kv_cache", "RS": "recurrent", "compute": "compute", "output": "output"}
+_KEEP_HEAD = 10000
+_KEEP_TAIL = 5000
+_COMPONENTS = {
+    "model": "weights",
+    "KV": "kv_cache",
+    "RS": "recurrent",
+    "compute": "compute",
+    "output": "output",
+}
 
 
 @dataclass(frozen=True)
@@ -112,16 +121,18 @@ def parse_buffer_reports(lines: list[str]) -> ParsedReports:
             continue
         summary = _KV_SUMMARY.match(line)
         if summary:
-            parsed.kv_caches.append(KVSummary(
-                mib=float(summary.group("mib")),
-                cells=int(summary.group("cells")),
-                layers=int(summary.group("layers")),
-                seqs=int(summary.group("seqs")),
-                type_k=summary.group("type_k"),
-                type_v=summary.group("type_v"),
-                k_mib=float(summary.group("k_mib")),
-                v_mib=float(summary.group("v_mib")),
-            ))
+            parsed.kv_caches.append(
+                KVSummary(
+                    mib=float(summary.group("mib")),
+                    cells=int(summary.group("cells")),
+                    layers=int(summary.group("layers")),
+                    seqs=int(summary.group("seqs")),
+                    type_k=summary.group("type_k"),
+                    type_v=summary.group("type_v"),
+                    k_mib=float(summary.group("k_mib")),
+                    v_mib=float(summary.group("v_mib")),
+                )
+            )
             continue
         recurrent = _RS_SUMMARY.match(line)
         if recurrent:
@@ -150,6 +161,7 @@ class LlamaLogCapture:
         self._lock = threading.Lock()
         self._pending = ""
         self.lines: list[str] = []
+        self._dropped = 0
         self._callback: Any = None
 
     @classmethod
@@ -175,14 +187,21 @@ class LlamaLogCapture:
             while "\n" in self._pending:
                 line, self._pending = self._pending.split("\n", 1)
                 self.lines.append(line)
-            if len(self.lines) > 20000:  # a long-lived server: keep what matters, the start
-                del self.lines[10000:-5000]
+            if len(self.lines) > _KEEP_HEAD + 2 * _KEEP_TAIL:
+                # a long-lived process: keep the start (model load, context) and the latest lines;
+                # positions stay absolute, so marks taken before a trim keep their meaning
+                cut = len(self.lines) - _KEEP_TAIL
+                self._dropped += cut - _KEEP_HEAD
+                del self.lines[_KEEP_HEAD:cut]
 
     def mark(self) -> int:
-        """A position in the log; :meth:`since` returns the lines after it."""
+        """A position in the log (lines seen so far); :meth:`since` returns the lines after it."""
         with self._lock:
-            return len(self.lines)
+            return len(self.lines) + self._dropped
 
     def since(self, position: int) -> list[str]:
+        """Lines logged after ``position``; lines trimmed since then are gone, the rest are kept."""
         with self._lock:
-            return list(self.lines[position:])
+            if position <= _KEEP_HEAD:
+                return list(self.lines[position:])
+            return list(self.lines[max(_KEEP_HEAD, position - self._dropped) :])

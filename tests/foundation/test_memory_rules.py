@@ -110,7 +110,9 @@ def test_deepseek_conversions_cache_what_llama_cpp_caches() -> None:
     # MLA refuses different K and V types: a quantized K without flash attention keeps V in f16
     refusal = context_refusal(mla, MemoryConfig(kv_cache_type=KVCacheType.Q8_0, flash_attention=False))
     assert refusal is not None and "different K (q8_0) and V (f16)" in refusal
-    assert context_refusal(legacy, MemoryConfig(kv_cache_type=KVCacheType.Q8_0, flash_attention=False)) is None
+    assert (
+        context_refusal(legacy, MemoryConfig(kv_cache_type=KVCacheType.Q8_0, flash_attention=False)) is None
+    )
 
 
 def test_the_seed_model_on_8_l20_plans_what_really_fits() -> None:

@@ -45,8 +45,26 @@ def test_deepseek_q2_spans_eight_l20s() -> None:
     assert result.fits and result.gpus_per_replica == 8 and result.gpu_product == "NVIDIA-L20"
     assert len(result.tensor_split) == 8 and abs(sum(result.tensor_split) - 1) < 1e-3
     assert result.nodes == ["gpu-l20"]
-    # multi-head latent attention: one row of kvLoraRank + ropeDimensionCount values per token and layer
-    assert result.kv_bytes_per_token == 61 * (512 + 64) * 2
+    # a GGUF converted before llama.cpp's MLA change: full K (128 x 192) and V (128 x 128) per layer,
+    # which leaves room for the 2 slots of 8192 the example's comment promises
+    assert result.kv_bytes_per_token == 61 * 128 * (192 + 128) * 2
+    assert result.num_parallel == 2
+    assert any("MLA" in warning or "latent" in warning for warning in result.warnings)
+    # the same model re-converted (keyLengthMla set): one latent row of kvLoraRank + rope dims
+    metadata = spec.model.metadata
+    assert metadata is not None
+    mla = metadata.model_copy(
+        update={
+            "head_count_kv": 1,
+            "key_length": 576,
+            "value_length": 512,
+            "key_length_mla": 192,
+            "value_length_mla": 128,
+        }
+    )
+    converted = plan(spec.model_copy(update={"model": spec.model.model_copy(update={"metadata": mla})}))
+    assert converted.kv_bytes_per_token == 61 * (512 + 64) * 2
+    assert converted.fits and converted.num_parallel == 4
     assert result.memory.weights_bytes >= 180 * 1024**3
     # left to itself the planner needs fewer GPUs, but never fewer than the weights demand
     auto = plan(spec.model_copy(update={"gpu": spec.gpu.model_copy(update={"count": None})}))

@@ -181,6 +181,8 @@ async def test_restart_creates_no_duplicates(cluster: Cluster, model_url: str) -
         await cluster.create_md("chat", {"model": {"uri": model_url}, "replicas": 2})
         await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
         await cluster.wait_for(lambda: cluster.get("policy/v1/poddisruptionbudgets", "chat"), what="a PDB")
+        # kopf posts events in the background: let the first one land before this operator stops
+        await cluster.wait_for(lambda: "Planned" in reasons(cluster, "chat"), what="the Planned event")
     hash_before = cluster.md("chat")["status"]["plan"]["hash"]
     async with running_operator():
         await asyncio.sleep(1.5)  # resume handlers and daemons run on start

@@ -53,8 +53,9 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
-DEFAULT_GPU_OVERHEAD_BYTES = 512 * MiB
-"""CUDA context, cuBLAS workspace and driver allocations: 300 to 500 MiB on current GPUs."""
+DEFAULT_GPU_OVERHEAD_BYTES = 576 * MiB
+"""CUDA context, cuBLAS workspace and driver allocations beyond llama.cpp's own buffers: measured
+520 to 526 MiB on an H100 with CUDA 13 (bench/cuda_memory.py, docs/memory-model.md), plus a margin."""
 DEFAULT_CPU_OVERHEAD_BYTES = 256 * MiB
 """The runtime process itself (Python, aiohttp, llama.cpp's host-side structures)."""
 
@@ -117,7 +118,13 @@ def kv_cells_per_slot(num_ctx: int, num_parallel: int, *, unified: bool = False)
 
 
 def swa_cells_per_slot(
-    layout: CacheLayout, num_ctx: int, num_parallel: int, *, n_ubatch: int, swa_full: bool, unified: bool = False
+    layout: CacheLayout,
+    num_ctx: int,
+    num_parallel: int,
+    *,
+    n_ubatch: int,
+    swa_full: bool,
+    unified: bool = False,
 ) -> int:
     """Cells of one stream of the sliding-window cache (``llama_kv_cache_iswa``'s constructor).
 
@@ -343,6 +350,8 @@ def compute_buffer_bytes(
     with_output: bool = True,
     n_kv_swa: int | None = None,
     n_seqs: int = 1,
+    type_k: KVCacheType = KVCacheType.F16,
+    type_v: KVCacheType = KVCacheType.F16,
 ) -> int:
     """Size of llama.cpp's compute (graph) buffer for a micro-batch of ``n_ubatch`` tokens.
 
@@ -374,6 +383,8 @@ def compute_buffer_bytes(
             flash_attention=flash_attention,
             with_output=with_output,
             n_vocab=model.vocab_size,
+            type_k=type_k.value,
+            type_v=type_v.value,
         )
         return rule(model.hparams, layout, query)
     n_embd = model.embedding_length
@@ -393,6 +404,22 @@ def compute_buffer_bytes(
     return int(floats_per_token * 4 * n_ubatch)
 
 
+def _gpu_compute_extra(layout: CacheLayout, config: MemoryConfig, cells: int) -> int:
+    """What a CUDA graph holds beyond the CPU one: flash attention over a quantized KV cache.
+
+    Measured on an H100 (bench/cuda_memory.py, 2026-11-26): with a q8_0 cache and flash attention
+    the CUDA compute buffer grows by up to one layer's K and V of every stream converted to f16,
+    ``cells x (n_embd_k + n_embd_v) x 2`` bytes (qwen3 at 4 x 4096: +7.5 MiB measured, 8 MiB here),
+    while the CPU backend reads the quantized rows directly. Counted as that upper bound.
+    """
+    if not (config.flash_attention and config.type_k.is_quantized):
+        return 0
+    widest = max(
+        (layer.k_elements + layer.v_elements for layer in layout.layers if layer.in_kv_cache), default=0
+    )
+    return cells * widest * 2
+
+
 def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     """Bytes per device for one replica running ``model`` with ``config``.
 
@@ -410,7 +437,12 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     streams = 1 if unified else config.num_parallel
     cells = kv_cells_per_slot(config.num_ctx, config.num_parallel, unified=unified)
     swa_cells = swa_cells_per_slot(
-        layout, config.num_ctx, config.num_parallel, n_ubatch=n_ubatch, swa_full=config.swa_full, unified=unified
+        layout,
+        config.num_ctx,
+        config.num_parallel,
+        n_ubatch=n_ubatch,
+        swa_full=config.swa_full,
+        unified=unified,
     )
     fa = config.flash_attention
     per_layer_cell = _kv_bytes_per_layer_cell(layout, type_k, type_v, flash_attention=fa)
@@ -418,7 +450,9 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     state_cells = max(1, config.num_parallel)
     per_layer_state = [4 * (layer.r_elements + layer.s_elements) for layer in layout.layers]
     per_token = sum(
-        size for size, layer in zip(per_layer_cell, layout.layers, strict=True) if config.swa_full or not layer.swa
+        size
+        for size, layer in zip(per_layer_cell, layout.layers, strict=True)
+        if config.swa_full or not layer.swa
     )
 
     gpu_count = config.gpu_count
@@ -447,7 +481,8 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     for memory in devices.values():
         is_output = memory is output_device
         if memory.layers or is_output:
-            memory.compute_bytes = compute_buffer_bytes(
+            memory.compute_bytes = _gpu_compute_extra(layout, config, cells * streams) if gpu_count else 0
+            memory.compute_bytes += compute_buffer_bytes(
                 model,
                 cells,
                 flash_attention=fa,
@@ -455,6 +490,8 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
                 with_output=is_output,
                 n_kv_swa=swa_cells,
                 n_seqs=config.num_parallel,
+                type_k=type_k,
+                type_v=type_v,
             )
         memory.overhead_bytes = config.device_overhead_bytes if gpu_count else DEFAULT_CPU_OVERHEAD_BYTES
     if gpu_count and cpu.layers:

@@ -93,7 +93,8 @@ class ModelInfo(BaseModel):
         self._layout = cache_layout(self.hparams)
         if len(self._layout.layers) != self.block_count:
             raise ValueError(
-                f"the {self.architecture} rules gave {len(self._layout.layers)} layers, expected {self.block_count}"
+                f"the {self.architecture} rules gave {len(self._layout.layers)} layers, "
+                f"expected {self.block_count}"
             )
         return self
 
@@ -185,7 +186,14 @@ def model_info_from_metadata(metadata: Mapping[str, Any], *, source: str = "meta
         if key not in by_snake and key not in _OTHER_KEYS:
             raise ModelSourceError(f"unknown model metadata key {key!r}")
         values[key] = value
-    required = ["architecture", "block_count", "embedding_length", "head_count", "context_length", "size_bytes"]
+    required = [
+        "architecture",
+        "block_count",
+        "embedding_length",
+        "head_count",
+        "context_length",
+        "size_bytes",
+    ]
     missing = [k for k in required if k not in values]
     if missing:
         raise ModelSourceError(f"model metadata lacks {', '.join(missing)}")
@@ -232,7 +240,9 @@ def _raise_unsupported(error: Exception, source: str) -> None:
         cause = next((e.get("ctx", {}).get("error") for e in error.errors() if e.get("ctx")), None)
     if isinstance(cause, UnsupportedModelError):
         message = str(cause)
-        raise UnsupportedModelError(message if message.startswith(source) else f"{source}: {message}") from error
+        raise UnsupportedModelError(
+            message if message.startswith(source) else f"{source}: {message}"
+        ) from error
 
 
 def _first_error(error: Exception) -> str:

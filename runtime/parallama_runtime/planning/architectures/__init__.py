@@ -16,6 +16,7 @@ needs no knowledge of any architecture. An architecture without a rule raises
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "cache_layout",
     "compute_rule",
     "register",
+    "register_compute",
     "supported_architectures",
 ]
 
@@ -52,13 +54,16 @@ class Hparams:
             raise UnsupportedModelError(f"{self.arch} model lacks the GGUF key {self.arch}.{key}")
         return value
 
-    def int(self, key: str, default: int = 0) -> int:
+    def int(self, key: str, default: builtins.int = 0) -> builtins.int:
+        """An integer key; for a per-layer array, its largest entry."""
         value = self.get(key, default)
         if isinstance(value, list):
             return max((int(v) for v in value), default=default)
         return int(value)
 
-    def per_layer(self, key: str, n_layer: int, default: int | list[int] = 0) -> list[int]:
+    def per_layer(
+        self, key: str, n_layer: builtins.int, default: builtins.int | list[builtins.int] = 0
+    ) -> list[builtins.int]:
         """llama.cpp's ``get_key_or_arr``: a scalar repeated for every layer, or one entry per layer."""
         value = self.get(key)
         if value is None:
@@ -72,11 +77,11 @@ class Hparams:
         return [int(value)] * n_layer
 
     @property
-    def n_layer(self) -> int:
+    def n_layer(self) -> builtins.int:
         return int(self.require("block_count"))
 
     @property
-    def n_embd(self) -> int:
+    def n_embd(self) -> builtins.int:
         return int(self.require("embedding_length"))
 
 
@@ -164,6 +169,10 @@ class ComputeQuery:
     with_output: bool
     """This device computes the output head (logits of the micro-batch)."""
     n_vocab: int
+    type_k: str = "f16"
+    """KV cache types (``f16``, ``q8_0``...): a quantized cache rotates its heads with Hadamard
+    matrices when the head size allows, which adds graph inputs and products."""
+    type_v: str = "f16"
 
 
 LayoutRule = Callable[[Hparams], CacheLayout]
@@ -173,9 +182,7 @@ _LAYOUTS: dict[str, LayoutRule] = {}
 _COMPUTE: dict[str, ComputeRule] = {}
 
 
-def register(
-    *architectures: str, compute: ComputeRule | None = None
-) -> Callable[[LayoutRule], LayoutRule]:
+def register(*architectures: str, compute: ComputeRule | None = None) -> Callable[[LayoutRule], LayoutRule]:
     """Register ``rule`` as the layout of ``architectures`` (and ``compute`` as their compute rule)."""
 
     def decorate(rule: LayoutRule) -> LayoutRule:
@@ -188,9 +195,20 @@ def register(
     return decorate
 
 
+def register_compute(*architectures: str) -> Callable[[ComputeRule], ComputeRule]:
+    """Register ``rule`` as the compute rule of ``architectures`` (whose layouts are registered apart)."""
+
+    def decorate(rule: ComputeRule) -> ComputeRule:
+        for name in architectures:
+            _COMPUTE[name] = rule
+        return rule
+
+    return decorate
+
+
 def _load_families() -> None:
     # importing a family module registers its rules; the order does not matter
-    from . import dense, hybrid, mla, recurrent  # noqa: F401
+    from . import dense, graph_replay, hybrid, mla, recurrent  # noqa: F401
 
 
 def cache_layout(hparams: Hparams) -> CacheLayout:
