@@ -127,3 +127,18 @@ def test_the_seed_model_on_8_l20_plans_what_really_fits() -> None:
     for plan in (plan_legacy, plan_mla):
         for device in plan.devices:
             assert device.total_bytes <= device.usable_bytes
+
+
+def test_gpu_plans_count_cuda_flash_attention_over_a_quantized_cache() -> None:
+    """Measured on an H100 (bench/cuda_memory.py): CUDA's flash attention over a q8_0 cache holds one
+    layer's K and V of every stream in f16; the CPU graph does not, and f16 caches need no copy."""
+    model = model_info_from_metadata(llama(embedding_length=4096))
+    width = max(layer.k_elements + layer.v_elements for layer in model.layout.layers)
+
+    def compute(kv: KVCacheType, gpu: bool) -> int:
+        config = MemoryConfig(num_ctx=4096, num_parallel=4, kv_cache_type=kv, gpu_layers=-1 if gpu else 0)
+        return estimate_memory(model, config).compute_bytes
+
+    cells = kv_cells_per_slot(4096, 4) * 4
+    assert compute(KVCacheType.Q8_0, gpu=True) - compute(KVCacheType.Q8_0, gpu=False) == cells * width * 2
+    assert compute(KVCacheType.F16, gpu=True) == compute(KVCacheType.F16, gpu=False)

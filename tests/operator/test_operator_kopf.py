@@ -54,11 +54,11 @@ def sample(metric: str, **labels: str) -> float:
 
 async def test_plans_from_gguf_header_over_http_and_deploys(cluster: Cluster, model_server: Any) -> None:
     ok_before = sample("parallama_operator_reconcile_total", result="ok")
-    model_url = model_server.url
+    model = model_server.source
     await add_gpu_nodes(cluster)
     async with running_operator():
-        await cluster.create_md("chat", {"model": {"uri": model_url}})
-        await cluster.create_md("chat-too", {"model": {"uri": model_url}})
+        await cluster.create_md("chat", {"model": model})
+        await cluster.create_md("chat-too", {"model": model})
         await cluster.wait_for(lambda: planned(cluster, "chat-too"), what="a plan for the second one")
         status = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
         dep = await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
@@ -113,15 +113,15 @@ async def test_too_big_model_is_unschedulable_without_pods(cluster: Cluster) -> 
 
 
 async def test_invalid_spec_is_reported_and_the_operator_keeps_working(
-    cluster: Cluster, model_url: str
+    cluster: Cluster, model: dict[str, str]
 ) -> None:
     await add_gpu_nodes(cluster)
     async with running_operator():
         # the emulator runs no admission (a real API server would refuse this spec)
         await cluster.create_md(
-            "bad", {"model": {"uri": model_url}, "parallelism": {"minParallel": 5, "maxParallel": 2}}
+            "bad", {"model": model, "parallelism": {"minParallel": 5, "maxParallel": 2}}
         )
-        await cluster.create_md("missing", {"model": {"uri": model_url.replace("demo.gguf", "nope.gguf")}})
+        await cluster.create_md("missing", {"model": {**model, "uri": model["uri"].replace("demo.gguf", "nope.gguf")}})
         await cluster.wait_for(
             lambda: cluster.md("bad").get("status", {}).get("phase") == "Invalid", what="Invalid"
         )
@@ -129,7 +129,7 @@ async def test_invalid_spec_is_reported_and_the_operator_keeps_working(
             lambda: cluster.md("missing").get("status", {}).get("phase") == "Invalid",
             what="Invalid for an unreadable model",
         )
-        await cluster.create_md("good", {"model": {"uri": model_url}})
+        await cluster.create_md("good", {"model": model})
         await cluster.wait_for(lambda: planned(cluster, "good"), what="the next resource to be planned")
         await cluster.wait_for(lambda: "InvalidSpec" in reasons(cluster, "bad"), what="an InvalidSpec event")
     bad = cluster.md("bad")["status"]
@@ -141,10 +141,10 @@ async def test_invalid_spec_is_reported_and_the_operator_keeps_working(
     assert deployment(cluster, "bad") is None and deployment(cluster, "missing") is None
 
 
-async def test_node_changes_replan_and_roll_only_on_a_new_plan(cluster: Cluster, model_url: str) -> None:
+async def test_node_changes_replan_and_roll_only_on_a_new_plan(cluster: Cluster, model: dict[str, str]) -> None:
     await add_gpu_nodes(cluster)
     async with running_operator():
-        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.create_md("chat", {"model": model})
         await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
         first = await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
         assert first["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-L4"
@@ -175,10 +175,10 @@ async def test_node_changes_replan_and_roll_only_on_a_new_plan(cluster: Cluster,
         )
 
 
-async def test_restart_creates_no_duplicates(cluster: Cluster, model_url: str) -> None:
+async def test_restart_creates_no_duplicates(cluster: Cluster, model: dict[str, str]) -> None:
     await add_gpu_nodes(cluster)
     async with running_operator():
-        await cluster.create_md("chat", {"model": {"uri": model_url}, "replicas": 2})
+        await cluster.create_md("chat", {"model": model, "replicas": 2})
         await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
         await cluster.wait_for(lambda: cluster.get("policy/v1/poddisruptionbudgets", "chat"), what="a PDB")
         # kopf posts events in the background: let the first one land before this operator stops
@@ -201,11 +201,11 @@ async def test_restart_creates_no_duplicates(cluster: Cluster, model_url: str) -
 
 
 async def test_deleting_leaves_owned_children_for_the_garbage_collector(
-    cluster: Cluster, model_url: str
+    cluster: Cluster, model: dict[str, str]
 ) -> None:
     await add_gpu_nodes(cluster)
     async with running_operator():
-        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.create_md("chat", {"model": model})
         await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
         uid = cluster.md("chat")["metadata"]["uid"]
         await cluster.delete(f"{MD_PATH}/chat")
@@ -264,10 +264,10 @@ async def test_oom_kill_degrades_and_replans_with_more_reserve(cluster: Cluster)
     assert env(deployment(cluster, "chat") or {})["OLLAMA_NUM_PARALLEL"] == str(status["plan"]["numParallel"])
 
 
-async def test_deployment_readiness_is_mirrored(cluster: Cluster, model_url: str) -> None:
+async def test_deployment_readiness_is_mirrored(cluster: Cluster, model: dict[str, str]) -> None:
     await add_gpu_nodes(cluster)
     async with running_operator():
-        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.create_md("chat", {"model": model})
         await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
         # the emulator has no controllers: play the Deployment controller's part
         await cluster.patch(
@@ -286,9 +286,9 @@ async def test_deployment_readiness_is_mirrored(cluster: Cluster, model_url: str
     assert conditions["Available"] == "True" and conditions["Progressing"] == "False"
 
 
-async def test_service_monitor_only_when_its_crd_is_served(cluster: Cluster, model_url: str) -> None:
+async def test_service_monitor_only_when_its_crd_is_served(cluster: Cluster, model: dict[str, str]) -> None:
     await add_gpu_nodes(cluster)
-    spec = {"model": {"uri": model_url}, "monitoring": {"serviceMonitor": True}}
+    spec = {"model": model, "monitoring": {"serviceMonitor": True}}
     async with running_operator():
         await cluster.create_md("without", spec)
         await cluster.wait_for(lambda: deployment(cluster, "without"), what="the Deployment")
@@ -302,10 +302,10 @@ async def test_service_monitor_only_when_its_crd_is_served(cluster: Cluster, mod
     assert monitor["metadata"]["ownerReferences"][0]["uid"] == cluster.md("with")["metadata"]["uid"]
 
 
-async def test_spec_changes_are_applied(cluster: Cluster, model_url: str) -> None:
+async def test_spec_changes_are_applied(cluster: Cluster, model: dict[str, str]) -> None:
     await add_gpu_nodes(cluster)
     async with running_operator():
-        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.create_md("chat", {"model": model})
         await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
         await cluster.patch(f"{MD_PATH}/chat", {"spec": {"parallelism": {"numParallel": 2}, "replicas": 3}})
         dep = await cluster.wait_for(
