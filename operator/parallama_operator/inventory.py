@@ -13,6 +13,16 @@ Rules:
 * memory comes from ``nvidia.com/gpu.memory`` (MiB); without it, from the GPU catalog by product;
   a GPU of unknown size is ignored rather than guessed.
 * cordoned (``spec.unschedulable``) and NotReady nodes offer nothing: pods could not land there.
+* shared GPUs, as GFD labels them, are not whole GPUs:
+  - time-slicing (``nvidia.com/gpu.replicas`` > 1; the product may carry a ``-SHARED`` suffix): the
+    device plugin advertises ``replicas`` shares per GPU, all on the same memory with no isolation.
+    A share is planned with ``memory / replicas``, the only size that holds when every share is in
+    use, and a replica takes one share: two shares of one GPU would be the same GPU twice;
+  - MIG, ``single`` strategy (``nvidia.com/mig.strategy=single``): ``nvidia.com/gpu`` counts MIG
+    devices and ``nvidia.com/gpu.memory`` is one device's memory; ``mixed`` strategy: each profile
+    is its own resource (``nvidia.com/mig-3g.20gb``) with ``nvidia.com/mig-3g.20gb.memory`` and
+    ``.count`` labels, planned when the spec asks for that resource. A replica cannot span MIG
+    devices (a CUDA process sees one), so MIG replicas take one device.
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ __all__ = [
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
 GPU_COUNT_LABEL = "nvidia.com/gpu.count"
+GPU_REPLICAS_LABEL = "nvidia.com/gpu.replicas"
+MIG_STRATEGY_LABEL = "nvidia.com/mig.strategy"
+SHARED_SUFFIX = "-SHARED"
+MIG_RESOURCE_PREFIX = "nvidia.com/mig-"
 MiB = 1024 * 1024
 
 
@@ -52,6 +66,10 @@ class NodeGPUs(BaseModel):
     gpu_memory_bytes: int = 0
     excluded: str | None = None
     labels: dict[str, str] = {}
+    sharing: str = "none"
+    """``none`` (whole GPUs), ``time-slicing`` or ``mig``."""
+    max_gpus_per_replica: int | None = None
+    """1 for shares and MIG devices: a replica cannot combine them."""
 
     @property
     def usable(self) -> bool:
@@ -91,7 +109,23 @@ def node_gpus(body: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") ->
         count = _quantity_int(labels.get(GPU_COUNT_LABEL, 0))
 
     memory_mib = _quantity_int(labels.get(GPU_MEMORY_LABEL, 0))
-    if memory_mib <= 0 and product:
+    sharing, max_per_replica = "none", None
+    replicas = max(1, _quantity_int(labels.get(GPU_REPLICAS_LABEL, 1)))
+    if resource_name.startswith(MIG_RESOURCE_PREFIX):  # mixed strategy: one resource per MIG profile
+        profile = resource_name.removeprefix("nvidia.com/")
+        memory_mib = _quantity_int(labels.get(f"nvidia.com/{profile}.memory", 0))
+        if resource_name not in allocatable:
+            count = _quantity_int(labels.get(f"nvidia.com/{profile}.count", 0))
+        sharing, max_per_replica = "mig", 1
+    elif labels.get(MIG_STRATEGY_LABEL) == "single" and "-MIG-" in (product or ""):
+        sharing, max_per_replica = "mig", 1  # gpu.count and gpu.memory already describe MIG devices
+    elif replicas > 1:
+        base = (product or "").removesuffix(SHARED_SUFFIX)
+        if memory_mib <= 0 and base:
+            memory_mib = lookup_gpu_memory_mib(base) or 0
+        memory_mib //= replicas
+        sharing, max_per_replica = "time-slicing", 1
+    if memory_mib <= 0 and product and sharing == "none":
         memory_mib = lookup_gpu_memory_mib(product) or 0
 
     excluded = None
@@ -114,6 +148,8 @@ def node_gpus(body: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") ->
         gpu_memory_bytes=max(memory_mib, 0) * MiB,
         excluded=excluded,
         labels=dict(labels),
+        sharing=sharing,
+        max_gpus_per_replica=max_per_replica,
     )
 
 
@@ -134,6 +170,7 @@ def planner_nodes(
                 product=item.product or "unknown",
                 gpu_count=item.gpu_count,
                 gpu_memory_bytes=item.gpu_memory_bytes,
+                max_gpus_per_replica=item.max_gpus_per_replica,
             )
         )
     return nodes

@@ -79,3 +79,78 @@ def test_trim_ignores_heartbeats_and_images() -> None:
     assert trim_node(node) == before
     node["metadata"]["labels"]["nvidia.com/gpu.product"] = "NVIDIA-L40S"
     assert trim_node(node) != before
+
+
+# --------------------------------------------------------------------------------------------------
+# shared GPUs: time-slicing and MIG, as GPU Feature Discovery labels them
+
+
+def _shared(node: dict[str, object], **labels: str) -> dict[str, object]:
+    node["metadata"]["labels"].update(labels)  # type: ignore[index]
+    return node
+
+
+def test_a_time_sliced_gpu_is_a_share_of_its_memory() -> None:
+    """4 replicas of an L4 (GFD: gpu.replicas=4, product suffixed -SHARED): the device plugin
+    advertises 4 x 1 shares on one memory; each is planned with a quarter of it, one per replica."""
+    node = gfd_node("ts", "NVIDIA-L4-SHARED", 4, 23034)
+    node = _shared(node, **{"nvidia.com/gpu.replicas": "4"})
+    gpus = node_gpus(node)
+    assert gpus.usable and gpus.sharing == "time-slicing"
+    assert gpus.gpu_count == 4 and gpus.gpu_memory_bytes == 23034 // 4 * MiB
+    assert gpus.max_gpus_per_replica == 1
+    # the memory label may be absent: the catalog knows the product without its -SHARED suffix
+    del node["metadata"]["labels"]["nvidia.com/gpu.memory"]  # type: ignore[index]
+    assert node_gpus(node).gpu_memory_bytes > 0
+    [planned] = planner_nodes([gpus])
+    assert planned.max_gpus_per_replica == 1 and planned.product == "NVIDIA-L4-SHARED"
+
+
+def test_mig_single_strategy_counts_mig_devices_with_their_own_memory() -> None:
+    node = gfd_node("mig", "NVIDIA-A100-SXM4-40GB-MIG-1g.5gb", 56, 4864)
+    node = _shared(node, **{"nvidia.com/mig.strategy": "single"})
+    gpus = node_gpus(node)
+    assert gpus.usable and gpus.sharing == "mig" and gpus.max_gpus_per_replica == 1
+    assert (gpus.gpu_count, gpus.gpu_memory_bytes) == (56, 4864 * MiB)
+
+
+def test_mig_mixed_strategy_plans_the_profile_the_spec_asks_for() -> None:
+    node = gfd_node("mixed", "NVIDIA-A100-SXM4-80GB", 1, 81920)
+    node = _shared(
+        node,
+        **{
+            "nvidia.com/mig.strategy": "mixed",
+            "nvidia.com/mig-3g.40gb.count": "2",
+            "nvidia.com/mig-3g.40gb.memory": "40192",
+            "nvidia.com/mig-1g.10gb.count": "1",
+            "nvidia.com/mig-1g.10gb.memory": "9728",
+        },
+    )
+    node["status"]["allocatable"].update({"nvidia.com/mig-3g.40gb": "2", "nvidia.com/mig-1g.10gb": "1"})  # type: ignore[index]
+    big = node_gpus(node, "nvidia.com/mig-3g.40gb")
+    small = node_gpus(node, "nvidia.com/mig-1g.10gb")
+    whole = node_gpus(node)
+    assert (big.gpu_count, big.gpu_memory_bytes, big.max_gpus_per_replica) == (2, 40192 * MiB, 1)
+    assert (small.gpu_count, small.gpu_memory_bytes) == (1, 9728 * MiB)
+    assert whole.sharing == "none" and whole.gpu_memory_bytes == 81920 * MiB
+    absent = node_gpus(node, "nvidia.com/mig-7g.80gb")
+    assert not absent.usable
+
+
+def test_a_replica_never_spans_shares_or_mig_devices() -> None:
+    """A model that needs two L4s does not fit on eight time-sliced shares of them: the planner
+    refuses rather than handing one replica two shares (which would be the same GPU twice)."""
+    from parallama_runtime.planning.model_info import model_info_from_metadata
+    from parallama_runtime.planning.planner import PlanRequest, make_plan
+    from parallama_runtime.planning.presets import PRESETS
+
+    model = model_info_from_metadata(PRESETS["qwen2.5-32b"])  # ~20 GB of weights
+    whole = planner_nodes([node_gpus(gfd_node("whole", "NVIDIA-L4", 2, 23034))])
+    shares = planner_nodes(
+        [node_gpus(_shared(gfd_node("ts", "NVIDIA-L4-SHARED", 8, 23034), **{"nvidia.com/gpu.replicas": "4"}))]
+    )
+    assert make_plan(model, whole).fits and make_plan(model, whole).gpus_per_replica == 2
+    refused = make_plan(model, shares)
+    assert not refused.fits and refused.gpus_per_replica <= 1
+    explicit = make_plan(model, shares, PlanRequest(gpus_per_replica=2))
+    assert not explicit.fits and "cannot combine" in explicit.reason

@@ -72,6 +72,8 @@ class Node(BaseModel):
     gpu_memory_bytes: int = Field(default=0, ge=0)
     gpu_free_bytes: tuple[int, ...] | None = None
     cpu_memory_bytes: int | None = None
+    max_gpus_per_replica: int | None = Field(default=None, ge=1)
+    """1 for time-sliced shares and MIG devices, which one replica cannot combine."""
 
     @property
     def shape(self) -> str:
@@ -195,10 +197,18 @@ class _Shape:
     gpu_free_bytes: tuple[int, ...] | None
     cpu_memory_bytes: int
     nodes: tuple[str, ...]
+    max_gpus_per_replica: int | None = None
 
     @property
     def is_cpu(self) -> bool:
         return self.gpu_count == 0
+
+    def hosts(self, gpus: int) -> bool:
+        """Whether one replica may take ``gpus`` GPUs of this shape."""
+        if self.is_cpu:
+            return True
+        limit = self.gpu_count if self.max_gpus_per_replica is None else self.max_gpus_per_replica
+        return gpus <= min(limit, self.gpu_count)
 
     def describe(self) -> str:
         if self.is_cpu:
@@ -241,6 +251,7 @@ def _group(nodes: Iterable[Node], product: str | None) -> list[_Shape]:
             node.gpu_memory_bytes,
             node.gpu_free_bytes,
             node.cpu_memory_bytes,
+            node.max_gpus_per_replica,
         )
         groups.setdefault(key, []).append(node.name)
         specimens.setdefault(key, node)
@@ -255,6 +266,7 @@ def _group(nodes: Iterable[Node], product: str | None) -> list[_Shape]:
                 gpu_free_bytes=node.gpu_free_bytes,
                 cpu_memory_bytes=node.cpu_memory_bytes or 0,
                 nodes=tuple(sorted(names)),
+                max_gpus_per_replica=node.max_gpus_per_replica,
             )
         )
     return shapes
@@ -335,7 +347,7 @@ def make_plan(model: ModelInfo, nodes: Sequence[Node], request: PlanRequest | No
         fitting = [
             trial
             for shape in candidates
-            if shape.is_cpu or shape.gpu_count >= gpus
+            if shape.hosts(gpus)
             if (trial := _best_slots(model, request, shape, gpus)) is not None
         ]
         if fitting:
@@ -465,14 +477,19 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
         if shape.is_cpu:
             gpus = 0
         else:
-            allowed = [g for g in gpu_counts if g <= shape.gpu_count]
-            gpus = max(allowed) if allowed else min(gpu_counts)
-            if gpus > shape.gpu_count:
+            allowed = [g for g in gpu_counts if shape.hosts(g)]
+            if not allowed:
                 continue
+            gpus = max(allowed)
         attempts.append(_trial(model, request, shape, gpus, low))
     if not attempts:
         wanted = request.gpus_per_replica
-        return _empty_plan(model, request, f"no node has {wanted} GPUs for one replica")
+        return _empty_plan(
+            model,
+            request,
+            f"no node has {wanted} GPUs for one replica (a time-sliced share or a MIG device counts "
+            "as one GPU that a replica cannot combine with another)",
+        )
     closest = min(attempts, key=lambda t: t.shortfall)
     worst = max(
         zip(closest.estimate.devices, closest.usable, strict=True),
