@@ -39,8 +39,10 @@ __all__ = [
     "GPU_MEMORY_LABEL",
     "GPU_PRODUCT_LABEL",
     "NodeGPUs",
+    "admits",
     "node_gpus",
     "planner_nodes",
+    "requested_gpus",
     "trim_node",
 ]
 
@@ -70,6 +72,7 @@ class NodeGPUs(BaseModel):
     """``none`` (whole GPUs), ``time-slicing`` or ``mig``."""
     max_gpus_per_replica: int | None = None
     """1 for shares and MIG devices: a replica cannot combine them."""
+    taints: list[dict[str, str]] = []
 
     @property
     def usable(self) -> bool:
@@ -150,30 +153,153 @@ def node_gpus(body: Mapping[str, Any], resource_name: str = "nvidia.com/gpu") ->
         labels=dict(labels),
         sharing=sharing,
         max_gpus_per_replica=max_per_replica,
+        taints=[
+            {k: str(v) for k, v in taint.items() if k in ("key", "value", "effect")}
+            for taint in spec.get("taints") or []
+        ],
     )
 
 
 def planner_nodes(
-    inventory: Iterable[NodeGPUs], node_selector: Mapping[str, str] | None = None
+    inventory: Iterable[NodeGPUs],
+    node_selector: Mapping[str, str] | None = None,
+    *,
+    requested: Mapping[str, int] | None = None,
+    tolerations: Iterable[Mapping[str, Any]] = (),
+    affinity: Mapping[str, Any] | None = None,
 ) -> list[Node]:
-    """The planner's view: usable GPU nodes only, and only those the spec's nodeSelector admits
-    (planning on a node the pods may not use would promise slots that never come)."""
+    """The planner's view: usable GPU nodes that the pods may use, with the GPUs still free.
+
+    A node counts only if the spec's nodeSelector and required node affinity admit it and the pods
+    tolerate its NoSchedule/NoExecute taints (planning on a node the pods may not use would promise
+    slots that never come); its GPUs are the allocatable ones minus those ``requested`` by other
+    pods (:func:`requested_gpus`).
+    """
+    tolerations = list(tolerations)
     nodes = []
     for item in sorted(inventory, key=lambda n: n.name):
         if not item.usable:
             continue
         if node_selector and any(item.labels.get(k) != v for k, v in node_selector.items()):
             continue
+        if not admits(item, tolerations, affinity):
+            continue
+        free = item.gpu_count - (requested or {}).get(item.name, 0)
+        if free <= 0:
+            continue
         nodes.append(
             Node(
                 name=item.name,
                 product=item.product or "unknown",
-                gpu_count=item.gpu_count,
+                gpu_count=free,
                 gpu_memory_bytes=item.gpu_memory_bytes,
                 max_gpus_per_replica=item.max_gpus_per_replica,
             )
         )
     return nodes
+
+
+_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+def requested_gpus(
+    pods: Iterable[Mapping[str, Any]],
+    resource_name: str = "nvidia.com/gpu",
+    *,
+    ignore: Mapping[str, str] | None = None,
+) -> dict[str, int]:
+    """GPUs that scheduled, non-terminal pods hold, per node.
+
+    Extended resources are requested through limits (requests equal them when set), per container;
+    init containers run before the others, so a pod holds the larger of its largest init container
+    and the sum of its containers, as the scheduler counts it. Pods whose labels include all of
+    ``ignore`` (the replicas of the ModelDeployment being planned) are left out: their GPUs come back
+    to that deployment when it is re-planned.
+    """
+    held: dict[str, int] = {}
+    for pod in pods:
+        spec = pod.get("spec") or {}
+        node = spec.get("nodeName")
+        if not node or (pod.get("status") or {}).get("phase") in _TERMINAL_PHASES:
+            continue
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        if ignore and all(labels.get(k) == v for k, v in ignore.items()):
+            continue
+        containers = sum(_container_gpus(c, resource_name) for c in spec.get("containers") or [])
+        init = max((_container_gpus(c, resource_name) for c in spec.get("initContainers") or []), default=0)
+        count = max(containers, init)
+        if count:
+            held[node] = held.get(node, 0) + count
+    return held
+
+
+def _container_gpus(container: Mapping[str, Any], resource_name: str) -> int:
+    resources = container.get("resources") or {}
+    for kind in ("limits", "requests"):
+        value = (resources.get(kind) or {}).get(resource_name)
+        if value is not None:
+            return _quantity_int(value)
+    return 0
+
+
+def admits(
+    node: NodeGPUs, tolerations: Iterable[Mapping[str, Any]], affinity: Mapping[str, Any] | None
+) -> bool:
+    """Whether a pod with these tolerations and affinity may be scheduled on ``node``."""
+    tolerations = list(tolerations)
+    for taint in node.taints:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not any(
+            _tolerates(t, taint) for t in tolerations
+        ):
+            return False
+    required = ((affinity or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
+    terms = required.get("nodeSelectorTerms") or []
+    return not terms or any(_term_matches(node, term) for term in terms)
+
+
+def _tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
+    """Kubernetes' ToleratesTaint: effect (empty = any), key (empty with Exists = any), operator."""
+    if toleration.get("effect") and toleration.get("effect") != taint.get("effect"):
+        return False
+    key = toleration.get("key") or ""
+    if key and key != taint.get("key"):
+        return False
+    if toleration.get("operator", "Equal") == "Exists":
+        return True
+    return bool(key) and (toleration.get("value") or "") == (taint.get("value") or "")
+
+
+def _term_matches(node: NodeGPUs, term: Mapping[str, Any]) -> bool:
+    """A nodeSelectorTerm: every matchExpression holds on the node's labels (matchFields: name)."""
+    for expression in term.get("matchExpressions") or []:
+        if not _expression_holds(node.labels.get(expression.get("key", "")), expression):
+            return False
+    for expression in term.get("matchFields") or []:
+        if expression.get("key") == "metadata.name" and not _expression_holds(node.name, expression):
+            return False
+    return bool(term.get("matchExpressions") or term.get("matchFields"))
+
+
+def _expression_holds(value: str | None, expression: Mapping[str, Any]) -> bool:
+    operator = expression.get("operator")
+    values = [str(v) for v in expression.get("values") or []]
+    if operator == "In":
+        return value is not None and value in values
+    if operator == "NotIn":
+        return value is None or value not in values
+    if operator == "Exists":
+        return value is not None
+    if operator == "DoesNotExist":
+        return value is None
+    if operator in ("Gt", "Lt") and value is not None and values:
+        try:
+            left, right = int(value), int(values[0])
+        except ValueError:
+            return False
+        return left > right if operator == "Gt" else left < right
+    return False
 
 
 def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -184,7 +310,13 @@ def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
     ready = [c for c in status.get("conditions") or [] if c.get("type") == "Ready"]
     return {
         "metadata": {"name": metadata.get("name", ""), "labels": dict(metadata.get("labels") or {})},
-        "spec": {"unschedulable": bool((body.get("spec") or {}).get("unschedulable", False))},
+        "spec": {
+            "unschedulable": bool((body.get("spec") or {}).get("unschedulable", False)),
+            "taints": [
+                {k: v for k, v in taint.items() if k in ("key", "value", "effect")}
+                for taint in (body.get("spec") or {}).get("taints") or []
+            ],
+        },
         "status": {
             "allocatable": dict(status.get("allocatable") or {}),
             "conditions": [{"type": "Ready", "status": str(c.get("status"))} for c in ready],

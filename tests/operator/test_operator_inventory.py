@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from harness import gfd_node
-from parallama_operator.inventory import node_gpus, planner_nodes, trim_node
+from parallama_operator.inventory import node_gpus, planner_nodes, requested_gpus, trim_node
 
 MiB = 1024 * 1024
 
@@ -154,3 +154,84 @@ def test_a_replica_never_spans_shares_or_mig_devices() -> None:
     assert not refused.fits and refused.gpus_per_replica <= 1
     explicit = make_plan(model, shares, PlanRequest(gpus_per_replica=2))
     assert not explicit.fits and "cannot combine" in explicit.reason
+
+
+# --------------------------------------------------------------------------------------------------
+# free GPUs, taints and required affinity
+
+
+def _pod(
+    node: str | None, gpus: int, *, phase: str = "Running", labels: dict[str, str] | None = None
+) -> dict:  # type: ignore[type-arg]
+    return {
+        "metadata": {"labels": labels or {}},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}, {"resources": {}}],
+        },
+        "status": {"phase": phase},
+    }
+
+
+def test_gpus_held_by_other_pods_are_not_free() -> None:
+    pods = [
+        _pod("a", 1),
+        _pod("a", 2, phase="Pending"),  # scheduled, not yet running: holds its GPUs all the same
+        _pod("a", 4, phase="Succeeded"),  # done: holds nothing
+        _pod(None, 8),  # not scheduled: holds nothing yet
+        _pod("b", 1, labels={"parallama.dev/model-deployment": "chat"}),
+    ]
+    assert requested_gpus(pods) == {"a": 3, "b": 1}
+    # re-planning "chat" counts its own replicas' GPUs as its own
+    assert requested_gpus(pods, ignore={"parallama.dev/model-deployment": "chat"}) == {"a": 3}
+    inventory = [
+        node_gpus(gfd_node("a", "NVIDIA-L20", 4, 46068)),
+        node_gpus(gfd_node("b", "NVIDIA-L4", 1, 23034)),
+    ]
+    nodes = planner_nodes(inventory, requested=requested_gpus(pods))
+    assert [(n.name, n.gpu_count) for n in nodes] == [("a", 1)]  # b's only GPU is taken
+
+
+def test_taints_need_tolerations() -> None:
+    node = gfd_node("tainted", "NVIDIA-L4", 1, 23034)
+    node["spec"]["taints"] = [{"key": "dedicated", "value": "llm", "effect": "NoSchedule"}]  # type: ignore[index]
+    gpus = node_gpus(trim_node(node))
+    assert planner_nodes([gpus]) == []
+    assert (
+        planner_nodes([gpus], tolerations=[{"key": "dedicated", "value": "other", "effect": "NoSchedule"}])
+        == []
+    )
+    tolerated = planner_nodes([gpus], tolerations=[{"key": "dedicated", "operator": "Equal", "value": "llm"}])
+    assert [n.name for n in tolerated] == ["tainted"]
+    assert planner_nodes([gpus], tolerations=[{"operator": "Exists"}])
+    # PreferNoSchedule only prefers
+    node["spec"]["taints"] = [{"key": "x", "effect": "PreferNoSchedule"}]  # type: ignore[index]
+    assert planner_nodes([node_gpus(node)])
+
+
+def test_required_node_affinity_decides_where_replicas_may_go() -> None:
+    zone_a = gfd_node("a", "NVIDIA-L4", 1, 23034)
+    zone_a["metadata"]["labels"]["topology.kubernetes.io/zone"] = "a"  # type: ignore[index]
+    zone_b = gfd_node("b", "NVIDIA-L4", 1, 23034)
+    zone_b["metadata"]["labels"]["topology.kubernetes.io/zone"] = "b"  # type: ignore[index]
+    inventory = [node_gpus(zone_a), node_gpus(zone_b)]
+
+    def affinity(*expressions: dict[str, object]) -> dict[str, object]:
+        terms = [{"matchExpressions": list(expressions)}]
+        return {
+            "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+        }
+
+    def names(aff: dict[str, object]) -> list[str]:
+        return [n.name for n in planner_nodes(inventory, affinity=aff)]
+
+    zone = "topology.kubernetes.io/zone"
+    assert names(affinity({"key": zone, "operator": "In", "values": ["b"]})) == ["b"]
+    assert names(affinity({"key": zone, "operator": "NotIn", "values": ["b"]})) == ["a"]
+    assert names(affinity({"key": "gpu-class", "operator": "Exists"})) == []
+    assert names(affinity({"key": "gpu-class", "operator": "DoesNotExist"})) == ["a", "b"]
+    assert names(affinity({"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["20000"]})) == [
+        "a",
+        "b",
+    ]
+    assert names({}) == ["a", "b"]
