@@ -1,15 +1,20 @@
 """Manifests of a ModelDeployment's children: plan + spec -> plain dicts (pure, no API calls).
 
-Every builder returns the full desired object; the handlers create or merge-patch it. The env
-contract of the runtime (``OLLAMA_*``/``PARALLAMA_*``, see /work/shared/design.md) is written here
-and nowhere else.
+Every builder returns the full desired object; the handlers server-side apply it (field manager
+``parallama``), so a field absent here is removed from the child. The env contract of the runtime
+(``OLLAMA_*``/``PARALLAMA_*``, see /work/shared/design.md) is written here and nowhere else.
+
+No builder emits an empty env ``value``: the API server drops it, so the stored object would never
+equal the desired one. No user string reaches a shell: the download script is a constant that reads
+the URI, digest and paths from its environment.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import posixpath
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +24,11 @@ from .inventory import GPU_PRODUCT_LABEL
 from .resources import API_VERSION, KIND, Engine, ModelDeploymentSpec, PlanStatus, VolumeKind
 
 __all__ = [
+    "APPLIED_HASH_ANNOTATION",
     "ASSUMED_LOAD_BYTES_PER_SECOND",
     "DEFAULT_OLLAMA_IMAGE",
     "DEFAULT_RUNTIME_IMAGE",
+    "DOWNLOAD_SCRIPT",
     "INSTANCE_LABEL",
     "MANAGED_BY",
     "MANAGED_BY_LABEL",
@@ -29,6 +36,7 @@ __all__ = [
     "PLAN_HASH_ANNOTATION",
     "SLOTS_ANNOTATION",
     "Owner",
+    "applied_hash",
     "build_all",
     "build_deployment",
     "build_pdb",
@@ -39,6 +47,7 @@ __all__ = [
     "runtime_env",
     "selector_string",
     "startup_failure_threshold",
+    "with_applied_hash",
 ]
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/parallama/parallama-runtime:0.1.0"
@@ -49,6 +58,8 @@ MANAGED_BY = "parallama-operator"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 MODEL_DEPLOYMENT_LABEL = "parallama.dev/model-deployment"
 PLAN_HASH_ANNOTATION = "parallama.dev/plan-hash"
+APPLIED_HASH_ANNOTATION = "parallama.dev/applied-hash"
+"""Digest of the desired object the operator last applied to a child (see :func:`applied_hash`)."""
 SLOTS_ANNOTATION = "parallama.dev/slots"
 """Set by the runtime on its own pod once its slots are allocated; fewer than planned -> Degraded."""
 
@@ -125,10 +136,11 @@ def runtime_env(spec: ModelDeploymentSpec, plan: PlanStatus) -> list[dict[str, s
         "OLLAMA_FLASH_ATTENTION": "1" if spec.flash_attention else "0",
         "OLLAMA_HOST": f"0.0.0.0:{spec.service.port}",
         "PARALLAMA_GPU_LAYERS": "-1",
-        "PARALLAMA_TENSOR_SPLIT": ",".join(plan.tensor_split) if plan.gpus_per_replica > 1 else "",
         "PARALLAMA_MODEL": model_path(spec),
         "PARALLAMA_SWA_FULL": "1" if spec.swa_full else "0",
     }
+    if plan.gpus_per_replica > 1 and plan.tensor_split:  # one GPU: nothing to split, no empty value
+        env["PARALLAMA_TENSOR_SPLIT"] = ",".join(plan.tensor_split)
     if spec.engine == Engine.OLLAMA:
         env |= {"OLLAMA_MODELS": "/data/ollama", "HOME": "/tmp", "OLLAMA_KEEP_ALIVE": "-1"}
     return [{"name": k, "value": v} for k, v in env.items()]
@@ -182,26 +194,43 @@ def _container_security() -> dict[str, Any]:
     }
 
 
+DOWNLOAD_SCRIPT = """\
+set -eu
+if [ -s "$MODEL_PATH" ]; then
+  if [ -z "${MODEL_SHA256:-}" ] || echo "$MODEL_SHA256  $MODEL_PATH" | sha256sum -c -; then
+    echo "model present"; exit 0
+  fi
+  echo "the present model does not match sha256: downloading it again"
+fi
+part="$MODEL_PATH.part.$POD_NAME"
+curl -fSL --retry 5 --retry-delay 5 -C - -o "$part" --url "$MODEL_URI"
+if [ -n "${MODEL_SHA256:-}" ] && ! echo "$MODEL_SHA256  $part" | sha256sum -c -; then
+  echo "sha256 mismatch"; rm -f "$part"; exit 1
+fi
+mv -f "$part" "$MODEL_PATH"
+"""
+"""The init container's whole script: a constant. The URI, digest and paths arrive as environment
+variables and are only ever expanded inside double quotes, so a URI with quotes, ``$(...)`` or
+``;`` is inert data. Each pod downloads to its own ``.part.<pod name>`` file (replicas sharing a PVC
+never write the same file; a restarted pod resumes its own), checks the digest, then renames it
+into place atomically."""
+
+
 def _download_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
     """Fetch the model once (a PVC keeps it across restarts) and refuse a file whose digest differs:
     a truncated or swapped model would otherwise load as garbage or crash llama.cpp."""
-    target = model_path(spec)
-    part = target + ".part"
-    steps = [
-        f"if [ -s {shlex.quote(target)} ]; then echo 'model present'; else",
-        f"curl -fSL --retry 5 --retry-delay 5 -C - -o {shlex.quote(part)} {shlex.quote(spec.model.uri)} &&",
-        f"mv {shlex.quote(part)} {shlex.quote(target)}; fi",
+    env: list[dict[str, Any]] = [
+        {"name": "MODEL_URI", "value": spec.model.uri},
+        {"name": "MODEL_PATH", "value": model_path(spec)},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
-    script = " ".join(steps)
     if spec.model.sha256:
-        script += (
-            f" && echo '{spec.model.sha256}  {target}' | sha256sum -c -"
-            f" || {{ echo 'sha256 mismatch'; rm -f {shlex.quote(target)}; exit 1; }}"
-        )
+        env.append({"name": "MODEL_SHA256", "value": spec.model.sha256})
     return {
         "name": "fetch-model",
         "image": spec.storage.download_image,
-        "command": ["sh", "-c", script],
+        "command": ["sh", "-c", DOWNLOAD_SCRIPT],
+        "env": env,
         "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": _container_security(),
@@ -370,6 +399,22 @@ def build_pdb(owner: Owner) -> dict[str, Any]:
         "metadata": owner.metadata(),
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(owner.name)}},
     }
+
+
+def applied_hash(obj: Mapping[str, Any]) -> str:
+    """Digest of a desired object (its own hash annotation left out), in canonical JSON."""
+    meta = dict(obj.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED_HASH_ANNOTATION}
+    meta["annotations"] = annotations
+    canonical = json.dumps({**obj, "metadata": meta}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def with_applied_hash(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The object with its :func:`applied_hash` in the ``parallama.dev/applied-hash`` annotation."""
+    meta = dict(obj.get("metadata") or {})
+    meta["annotations"] = {**(meta.get("annotations") or {}), APPLIED_HASH_ANNOTATION: applied_hash(obj)}
+    return {**obj, "metadata": meta}
 
 
 def build_all(

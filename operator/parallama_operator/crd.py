@@ -19,6 +19,7 @@ import yaml
 from .resources import (
     GROUP,
     KIND,
+    NAME_RULES,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
@@ -107,13 +108,7 @@ def openapi_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "required": ["spec"],
-        "x-kubernetes-validations": [
-            {
-                "rule": "self.metadata.name.size() <= 63",
-                "message": "the name must have at most 63 characters: it names the Service and the pods",
-                "reason": "FieldValueInvalid",
-            }
-        ],
+        "x-kubernetes-validations": [dict(rule) for rule in NAME_RULES],
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},

@@ -6,26 +6,37 @@ Flow:
 * ``gpu_nodes`` indexes Nodes (trimmed to what the planner reads); ``node_changed`` bumps an
   inventory version only when a trimmed Node really changed, so kubelet heartbeats cost nothing;
 * ``reconcile_handler`` (create, resume, spec update) plans and applies;
-* ``replanner`` (one daemon per ModelDeployment) waits for inventory changes, lets them settle
-  (debounce), and re-plans; the Deployment rolls only if the plan hash changed;
+* ``replan_loop`` (one task per operator, started at startup) waits for inventory changes, lets them
+  settle (debounce), and re-plans every known ModelDeployment; it also runs the retries of failed
+  reconciles and the periodic resync;
+* ``model_deployment_event`` keeps the set of known ModelDeployments and forgets deleted ones (their
+  gauges too);
 * ``pod_event`` turns OOM kills or slot shortfalls into extra reserve and a re-plan;
 * ``deployment_event`` mirrors the Deployment's readiness into status.
 
-Every reconcile of one object holds that object's lock, so the daemon, the handlers and pod events
+Every reconcile of one object holds that object's lock, so the loop, the handlers and pod events
 never interleave their read-plan-apply-patch sequences.
+
+No handler needs a finalizer (no per-object daemon, no on.delete): children are garbage-collected
+through their ownerReferences, so ``kubectl delete`` never waits for the operator. A failed reconcile
+is not retried by kopf (whose retry is tied to the spec diff it started from, so a spec reverted
+during a retry would be dropped) but by ``replan_loop``, which re-reads the current object each time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
+import aiohttp
 import kopf
 from parallama_runtime.planning.model_info import (
     ModelInfo,
@@ -37,6 +48,7 @@ from pydantic import ValidationError
 
 from . import metrics
 from .builders import (
+    APPLIED_HASH_ANNOTATION,
     DEFAULT_RUNTIME_IMAGE,
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -44,14 +56,17 @@ from .builders import (
     Owner,
     build_all,
     selector_string,
+    with_applied_hash,
 )
 from .health import runtime_troubles
 from .inventory import trim_node
-from .kube import ApiError, KubeClient, resource_path
+from .kube import FIELD_MANAGER, ApiError, KubeClient, resource_path
 from .planning import (
     compute_plan,
     model_from_metadata,
+    model_url_refusal,
     next_extra_reserve,
+    parse_url_allowlist,
     phase_for,
     plan_status,
     set_condition,
@@ -66,12 +81,29 @@ from .resources import (
     ModelDeploymentSpec,
     Phase,
     PlanStatus,
+    name_error,
 )
 
 __all__ = ["STATE", "OperatorState", "reconcile"]
 
 log = logging.getLogger(__name__)
 MAX_TROUBLES_KEPT = 20
+MAX_RETRY_SECONDS = 300.0
+TRANSIENT = (TimeoutError, ApiError, OSError, aiohttp.ClientError)
+"""Failures a later attempt may cure (a permanent ApiError on a child becomes :class:`ChildRefused`)."""
+Key = tuple[str, str]
+
+
+class ModelURLRefused(Exception):
+    """The model URL is outside the operator's allowlist (``PARALLAMA_MODEL_URL_ALLOW``)."""
+
+
+class ChildRefused(Exception):
+    """The API server refused a child for good (4xx other than a conflict or a rate limit), or the
+    child exists and belongs to someone else: retrying the same object cannot help."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(f"{kind} {name} was refused: {message}")
 
 
 def _env_float(name: str, default: float) -> float:
@@ -90,13 +122,24 @@ class OperatorState:
     default_pull_policy: str | None = None
     debounce_seconds: float = 5.0
     resync_seconds: float = 300.0
+    retry_seconds: float = 10.0
+    url_allow: tuple[str, ...] = ()
     inventory_version: int = 0
     nodes_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: dict[tuple[str, str | None], ModelInfo] = field(default_factory=dict)
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     model_locks: dict[tuple[str, str | None], asyncio.Lock] = field(default_factory=dict)
+    known: set[Key] = field(default_factory=set)
+    retries: dict[Key, tuple[float, int, str]] = field(default_factory=dict)
+    """(due time on the monotonic clock, attempts so far, trigger) of each pending retry."""
+    applied_shapes: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    """Per child path: (applied hash, the server's answer cut to the desired fields). Values the
+    server normalises (``1.5Gi`` -> ``1536Mi``) then still count as unchanged."""
+    node_index: Any = None
+    loop_task: asyncio.Task[None] | None = None
 
     inventory_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def bump_inventory(self) -> None:
         """Wake every waiting daemon: set this generation's event and start a new one."""
@@ -121,6 +164,22 @@ class OperatorState:
     def lock_for(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
 
+    def schedule_retry(self, key: Key, trigger: str, attempts: int = 0) -> float:
+        """Retry ``key`` later with exponential backoff after ``attempts`` failed retries; returns
+        the delay."""
+        delay = min(self.retry_seconds * 2.0**attempts, MAX_RETRY_SECONDS)
+        self.retries[key] = (time.monotonic() + delay, attempts + 1, trigger)
+        self.wake.set()
+        return delay
+
+    def forget(self, key: Key) -> None:
+        self.known.discard(key)
+        self.retries.pop(key, None)
+        prefix = f"/namespaces/{key[0]}/"
+        suffix = f"/{key[1]}"
+        for path in [p for p in self.applied_shapes if prefix in p and p.endswith(suffix)]:
+            del self.applied_shapes[path]
+
     @property
     def kube(self) -> KubeClient:
         if self.client is None:
@@ -133,6 +192,9 @@ class OperatorState:
         explicit = model_from_metadata(spec)
         if explicit is not None:
             return explicit
+        refusal = model_url_refusal(spec.model.uri, self.url_allow)
+        if refusal is not None:
+            raise ModelURLRefused(refusal)
         key = (spec.model.uri, spec.model.sha256)
         async with self.model_locks.setdefault(key, asyncio.Lock()):
             if key not in self.models:
@@ -147,8 +209,37 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _event_body(body: Mapping[str, Any]) -> kopf.Body:
-    return kopf.Body(cast(Any, dict(body)))
+async def _event(body: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+    """Post an Event about a ModelDeployment ourselves: kopf's posting works only inside its own
+    per-object tasks, and the replan loop is not one. Best effort: a lost event never fails a
+    reconcile."""
+    meta = body["metadata"]
+    namespace = meta["namespace"]
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": meta["name"],
+            "namespace": namespace,
+            "uid": meta.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": MANAGED_BY},
+        "reportingComponent": MANAGED_BY,
+        "reportingInstance": os.environ.get("HOSTNAME", MANAGED_BY),
+        "firstTimestamp": _now(),
+        "lastTimestamp": _now(),
+        "count": 1,
+    }
+    try:
+        await STATE.kube.create(f"/api/v1/namespaces/{namespace}/events", event)
+    except TRANSIENT as error:
+        log.warning("could not post the %s event of %s/%s: %s", reason, namespace, meta["name"], error)
 
 
 def _md_path(namespace: str, name: str) -> str:
@@ -168,6 +259,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
+    # Named for the ModelDeployments that an older version finalized: kopf removes a finalizer no
+    # handler needs any more, and no handler here needs one (see the module docstring).
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
@@ -179,11 +272,19 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         default_pull_policy=os.environ.get("PARALLAMA_RUNTIME_IMAGE_PULL_POLICY") or None,
         debounce_seconds=_env_float("PARALLAMA_REPLAN_DEBOUNCE_SECONDS", 5.0),
         resync_seconds=_env_float("PARALLAMA_RESYNC_SECONDS", 300.0),
+        retry_seconds=_env_float("PARALLAMA_RETRY_SECONDS", 10.0),
+        url_allow=parse_url_allowlist(os.environ.get("PARALLAMA_MODEL_URL_ALLOW")),
     )
+    STATE.loop_task = asyncio.create_task(replan_loop(STATE), name="parallama-replan-loop")
 
 
 @kopf.on.cleanup()
 async def close_client(**_: Any) -> None:
+    if STATE.loop_task is not None:
+        STATE.loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await STATE.loop_task
+        STATE.loop_task = None
     if STATE.client is not None:
         await STATE.client.close()
 
@@ -239,27 +340,59 @@ def _covers(existing: Any, desired: Any) -> bool:
     return bool(existing == desired)
 
 
+def _cut(obj: Any, shape: Any) -> Any:
+    """``obj`` cut down to the paths of ``shape`` (the server's values of the fields we set)."""
+    if isinstance(shape, Mapping) and isinstance(obj, Mapping):
+        return {k: _cut(obj.get(k), v) for k, v in shape.items()}
+    if isinstance(shape, list) and isinstance(obj, list) and len(obj) == len(shape):
+        return [_cut(o, v) for o, v in zip(obj, shape, strict=True)]
+    return obj
+
+
+def _applied_by_us(existing: Mapping[str, Any]) -> bool:
+    fields = (existing.get("metadata") or {}).get("managedFields") or []
+    return any(f.get("manager") == FIELD_MANAGER and f.get("operation") == "Apply" for f in fields)
+
+
+def _unchanged(path: str, existing: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Skip the apply when (1) the child carries the hash of this very desired object, (2) the field
+    manager ``parallama`` applied it (so a later apply still removes what we drop), and (3) nobody
+    changed our values since: they equal the desired ones, or what the server answered to our last
+    apply of this hash (values it normalises). A hash alone would miss a ``kubectl edit``; values
+    alone would miss fields that must be removed and repeat no-op applies for normalised values."""
+    wanted = desired["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+    annotations = (existing.get("metadata") or {}).get("annotations") or {}
+    if annotations.get(APPLIED_HASH_ANNOTATION) != wanted or not _applied_by_us(existing):
+        return False
+    if _covers(existing, desired):
+        return True
+    remembered = STATE.applied_shapes.get(path)
+    return remembered is not None and remembered[0] == wanted and _covers(existing, remembered[1])
+
+
 async def apply(client: KubeClient, obj: Mapping[str, Any], owner_uid: str) -> dict[str, Any]:
-    """Create, or merge-patch when it differs; never adopt an object another owner controls."""
+    """Server-side apply (field manager ``parallama``, forced) unless nothing changed; never adopt
+    an object another owner controls. Raises :class:`ChildRefused` when the API server refuses
+    the object itself (a 4xx no retry can cure)."""
     meta = obj["metadata"]
-    base = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"])
-    path = f"{base}/{meta['name']}"
+    path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+    desired = with_applied_hash(obj)
     existing = await client.get(path)
-    if existing is None:
-        try:
-            return await client.create(base, obj)
-        except ApiError as error:
-            if error.status != 409:
-                raise
-            existing = await client.get(path)  # created meanwhile (a restart, a race): patch it
-            if existing is None:
-                raise
-    owners = (existing.get("metadata") or {}).get("ownerReferences") or []
-    if owners and not any(o.get("uid") == owner_uid for o in owners):
-        raise kopf.PermanentError(f"{obj['kind']} {meta['name']} exists and belongs to someone else")
-    if _covers(existing, obj):
-        return existing
-    return await client.merge_patch(path, obj)
+    if existing is not None:
+        owners = (existing.get("metadata") or {}).get("ownerReferences") or []
+        if owners and not any(o.get("uid") == owner_uid for o in owners):
+            raise ChildRefused(obj["kind"], meta["name"], "it exists and belongs to someone else")
+        if _unchanged(path, existing, desired):
+            return existing
+    try:
+        result = await client.apply(path, desired)
+    except ApiError as error:
+        if error.permanent:
+            raise ChildRefused(obj["kind"], meta["name"], str(error)) from error
+        raise
+    wanted = desired["metadata"]["annotations"][APPLIED_HASH_ANNOTATION]
+    STATE.applied_shapes[path] = (wanted, _cut(result, desired))
+    return result
 
 
 async def _delete_if_owned(
@@ -281,7 +414,16 @@ def _condition_true(status: Mapping[str, Any], kind: str) -> bool:
     return any(c.get("type") == kind and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-async def _patch_status(client: KubeClient, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+async def _patch_status(
+    client: KubeClient,
+    namespace: str,
+    name: str,
+    status: Mapping[str, Any],
+    current: Mapping[str, Any] | None = None,
+) -> None:
+    """Merge-patch the status subresource, unless ``current`` (the status read) already says it all."""
+    if current is not None and _covers(dict(current), dict(status)):
+        return
     try:
         await client.merge_patch(_md_path(namespace, name) + "/status", {"status": dict(status)})
     except ApiError as error:
@@ -314,9 +456,10 @@ async def _mark_invalid(body: Mapping[str, Any], reason: str, message: str) -> N
             "observedGeneration": meta.get("generation"),
             "conditions": conditions,
         },
+        status,
     )
     if not already:
-        kopf.warn(_event_body(body), reason=reason, message=message)
+        await _event(body, "Warning", reason, message)
     metrics.RECONCILES.labels("invalid").inc()
 
 
@@ -334,6 +477,10 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     status: Mapping[str, Any] = body.get("status") or {}
     started = time.monotonic()
+    invalid_name = name_error(name)
+    if invalid_name is not None:  # the CRD refuses it too; an older CRD may not
+        await _mark_invalid(body, "InvalidName", invalid_name)
+        return
     try:
         spec = ModelDeploymentSpec.model_validate(body.get("spec") or {})
     except ValidationError as error:
@@ -341,6 +488,9 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         return
     try:
         model = await STATE.model_info(spec)
+    except ModelURLRefused as error:
+        await _mark_invalid(body, "ModelURLRefused", str(error))
+        return
     except UnsupportedModelError as error:
         await _mark_invalid(body, "UnsupportedModel", str(error))
         return
@@ -364,17 +514,20 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     owner = Owner(name=name, namespace=namespace, uid=uid)
     if plan.fits:
         monitors = spec.monitoring.service_monitor and await _service_monitors_available(client)
-        applied = [
-            await apply(client, child, uid)
-            for child in build_all(
-                owner,
-                spec,
-                planned,
-                service_monitor_available=monitors,
-                default_image=STATE.default_image,
-                default_pull_policy=STATE.default_pull_policy,
-            )
-        ]
+        children = build_all(
+            owner,
+            spec,
+            planned,
+            service_monitor_available=monitors,
+            default_image=STATE.default_image,
+            default_pull_policy=STATE.default_pull_policy,
+        )
+        try:
+            applied = [await apply(client, child, uid) for child in children]
+        except ChildRefused as error:
+            log.error("%s/%s: %s", namespace, name, error)
+            await _mark_invalid(body, "ChildRefused", str(error))
+            return
         deployment_status = applied[0].get("status") or {}
         ready = int(deployment_status.get("readyReplicas") or 0)
         observed = int(deployment_status.get("replicas") or 0)
@@ -423,7 +576,7 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         "endpoint": f"http://{name}.{namespace}.svc:{spec.service.port}" if plan.fits else None,
         "conditions": conditions,
     }
-    await _patch_status(client, namespace, name, new_status)
+    await _patch_status(client, namespace, name, new_status, status)
 
     metrics.PLANNED_SLOTS.labels(namespace, name).set(plan.num_parallel if plan.fits else 0)
     metrics.PLANNED_GPUS.labels(namespace, name).set(plan.gpus_per_replica if plan.fits else 0)
@@ -433,15 +586,15 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
 
     if not plan.fits:
         if changed or status.get("phase") != Phase.UNSCHEDULABLE:
-            kopf.warn(_event_body(body), reason="Unschedulable", message=plan.reason)
+            await _event(body, "Warning", "Unschedulable", plan.reason)
     elif changed:
         if previous and trigger != "spec":
             metrics.REPLANS.inc()
             before = f"{previous.get('numParallel')} slots on {previous.get('gpusPerReplica')} GPU(s)"
             message = f"after a {trigger} change (was {before}): {plan.reason}"
-            kopf.info(_event_body(body), reason="Replanned", message=message)
+            await _event(body, "Normal", "Replanned", message)
         else:
-            kopf.info(_event_body(body), reason="Planned", message=plan.reason)
+            await _event(body, "Normal", "Planned", plan.reason)
 
 
 def _available(ready: int, desired: int) -> Condition:
@@ -473,68 +626,116 @@ def _progressing(ready: int, desired: int) -> Condition:
     return Condition(type="Progressing", status="False", reason="Complete", message="all replicas ready")
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=10)
-@kopf.on.create(GROUP, VERSION, PLURAL, backoff=10)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec", backoff=10)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def reconcile_handler(body: kopf.Body, **kwargs: Any) -> None:
-    gpu_nodes: kopf.Index[str, dict[str, Any]] = kwargs["gpu_nodes"]
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    async with STATE.lock_for(namespace, name):
-        try:
-            # re-read under the lock: kopf's body may predate a status written by another handler
-            fresh = await _fresh(namespace, name)
-            if fresh is None:
-                return
-            await reconcile(fresh, _inventory(gpu_nodes), trigger="spec")
-        except (TimeoutError, ApiError, OSError) as error:
-            metrics.RECONCILES.labels("error").inc()
-            raise kopf.TemporaryError(f"API call failed: {error}", delay=10) from error
+    """Reconcile now; a transient failure is retried by :func:`replan_loop` (never by kopf: see the
+    module docstring), so this handler always completes and kopf records the spec as handled."""
+    STATE.node_index = kwargs["gpu_nodes"]
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    STATE.known.add(key)
+    await reconcile_key(key, trigger="spec")
 
 
 async def _fresh(namespace: str, name: str) -> dict[str, Any] | None:
     return await STATE.kube.get(_md_path(namespace, name))
 
 
-@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
-async def replanner(
-    stopped: kopf.DaemonStopped,
-    name: str,
-    namespace: str | None,
-    logger: kopf.Logger,
-    **kwargs: Any,
-) -> None:
-    """Re-plan when the inventory settles after a change, and every resync period regardless."""
-    gpu_nodes: kopf.Index[str, dict[str, Any]] = kwargs["gpu_nodes"]
-    namespace = namespace or "default"
-    seen = STATE.inventory_version
-    last_run = time.monotonic()
-    while not stopped:
-        remaining = STATE.resync_seconds - (time.monotonic() - last_run)
-        await STATE.wait_inventory_change(seen, stopped, within=max(remaining, 0.0))
-        if stopped:
-            return
-        resync = time.monotonic() - last_run >= STATE.resync_seconds
-        if STATE.inventory_version == seen and not resync:
-            continue
-        # debounce: a node pool scaling up sends a burst; plan once it has been quiet for a while
-        while not resync and not stopped:
-            version = STATE.inventory_version
-            await STATE.wait_inventory_change(version, stopped, within=STATE.debounce_seconds)
-            if STATE.inventory_version == version:
-                break
-        if stopped:
-            return
-        seen = STATE.inventory_version
-        last_run = time.monotonic()
-        async with STATE.lock_for(namespace, name):
-            try:
-                body = await _fresh(namespace, name)
-                if body is None:
-                    return
-                await reconcile(body, _inventory(gpu_nodes), trigger="nodes")
-            except (TimeoutError, ApiError, OSError) as error:
-                metrics.RECONCILES.labels("error").inc()
-                logger.warning(f"re-plan failed, will retry on the next change or resync: {error}")
+def _current_nodes() -> list[dict[str, Any]]:
+    if STATE.node_index is not None:
+        return _inventory(STATE.node_index)
+    return list(STATE.nodes_seen.values())
+
+
+async def reconcile_key(key: Key, *, trigger: str) -> None:
+    """Read the object as it is now, reconcile it under its lock, and schedule a retry (with
+    backoff) when an API call fails transiently. Reading afresh on every attempt is what makes a
+    spec reverted during a pending retry come out right."""
+    namespace, name = key
+    async with STATE.lock_for(namespace, name):
+        attempts = STATE.retries.pop(key, (0.0, 0, trigger))[1]
+        try:
+            body = await _fresh(namespace, name)
+            if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+                return
+            await reconcile(body, _current_nodes(), trigger=trigger)
+        except TRANSIENT as error:
+            metrics.RECONCILES.labels("error").inc()
+            delay = STATE.schedule_retry(key, trigger, attempts)
+            log.error("reconciling %s/%s failed, retrying in %.0f s: %s", namespace, name, delay, error)
+
+
+async def _wait(events: Iterable[asyncio.Event], within: float) -> None:
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=max(within, 0.0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def replan_loop(state: OperatorState) -> None:
+    """One task per operator: re-plan every known ModelDeployment once the inventory is quiet for
+    the debounce period after a change, and every resync period regardless; run the due retries.
+    It sleeps on events, never polls. Being no per-object daemon, it needs no finalizer."""
+    seen = state.inventory_version
+    last_resync = time.monotonic()
+    while True:
+        now = time.monotonic()
+        next_retry = min((due for due, _n, _t in state.retries.values()), default=math.inf)
+        timeout = min(last_resync + state.resync_seconds, next_retry) - now
+        if state.inventory_version == seen:
+            state.wake.clear()
+            await _wait([state.inventory_changed, state.wake], timeout)
+        targets: dict[Key, str] = {}
+        if state.inventory_version != seen:
+            # debounce: a node pool scaling up sends a burst; plan once it has been quiet a while
+            while True:
+                version = state.inventory_version
+                await _wait([state.inventory_changed], state.debounce_seconds)
+                if state.inventory_version == version:
+                    break
+            seen = state.inventory_version
+            targets = dict.fromkeys(state.known, "nodes")
+        elif time.monotonic() - last_resync >= state.resync_seconds:
+            last_resync = time.monotonic()
+            targets = dict.fromkeys(state.known, "nodes")
+        now = time.monotonic()
+        for key, (due, _attempts, trigger) in list(state.retries.items()):
+            if due <= now:
+                targets.setdefault(key, trigger)
+        if targets:
+            await asyncio.gather(
+                *(reconcile_key(key, trigger=trigger) for key, trigger in targets.items()),
+                return_exceptions=True,
+            )
+
+
+async def _reconcile_or_retry(body: Mapping[str, Any], nodes: list[dict[str, Any]], *, trigger: str) -> None:
+    """For event handlers that already hold the lock and a fresh body: a transient failure goes to
+    the retry queue of :func:`replan_loop` instead of being lost (kopf does not retry events)."""
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    try:
+        await reconcile(body, nodes, trigger=trigger)
+    except TRANSIENT as error:
+        metrics.RECONCILES.labels("error").inc()
+        delay = STATE.schedule_retry(key, trigger)
+        log.error("reconciling %s/%s failed, retrying in %.0f s: %s", *key, delay, error)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def model_deployment_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
+    """Track the ModelDeployments the loop re-plans; a deleted one loses its retries and gauges."""
+    STATE.node_index = kwargs["gpu_nodes"]
+    key = (namespace or "default", name)
+    if type == "DELETED":
+        STATE.forget(key)
+        metrics.forget(*key)
+    else:
+        STATE.known.add(key)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,9 +791,9 @@ async def pod_event(
             "message": message,
         }
         await _patch_status(STATE.kube, namespace, owner, update)
-        kopf.warn(_event_body(md), reason=trouble.reason, message=message)
+        await _event(md, "Warning", trouble.reason, message)
         md.setdefault("status", {}).update(update)
-        await reconcile(md, _inventory(gpu_nodes), trigger="runtime")
+        await _reconcile_or_retry(md, _inventory(gpu_nodes), trigger="runtime")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY_LABEL: MANAGED_BY})
@@ -613,7 +814,7 @@ async def deployment_event(type: str, body: kopf.Body, namespace: str | None, **
             return
         if type == "DELETED":
             gpu_nodes: kopf.Index[str, dict[str, Any]] = kwargs["gpu_nodes"]
-            await reconcile(md, _inventory(gpu_nodes), trigger="spec")
+            await _reconcile_or_retry(md, _inventory(gpu_nodes), trigger="spec")
             return
         desired = int((body.get("spec") or {}).get("replicas") or 0)
         observed = int((body.get("status") or {}).get("replicas") or 0)

@@ -1,9 +1,15 @@
-"""A small async Kubernetes client for the handlers: get, create, merge-patch, delete of plain dicts.
+"""A small async Kubernetes client for the handlers: get, create, server-side apply, merge-patch and
+delete of plain dicts.
 
 The credentials come from the official ``kubernetes`` package (in-cluster service account, else
 ``KUBECONFIG``/``~/.kube/config``), the requests go through aiohttp so that no handler blocks the
 event loop or needs a thread per call. Children are plain dicts from the builders, so a generic
 path-based client is all we need; typed API classes would only add conversions.
+
+Every request carries ``User-Agent: parallama-operator/<version>`` (what ``managedFields`` and the
+audit log show for Update operations; apply requests name their field manager explicitly), and an
+:class:`ApiError` names the request that failed (method, path, status) so that logs say which call
+and which child it was.
 """
 
 from __future__ import annotations
@@ -16,7 +22,22 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["ApiError", "KubeClient", "resource_path"]
+__all__ = ["FIELD_MANAGER", "USER_AGENT", "ApiError", "KubeClient", "resource_path"]
+
+FIELD_MANAGER = "parallama"
+"""The server-side-apply field manager of every child the operator writes."""
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("parallama")
+    except PackageNotFoundError:  # a source checkout without an installed distribution
+        return "0.0.0"
+
+
+USER_AGENT = f"parallama-operator/{_version()}"
 
 _PATHS = {
     ("v1", "Service"): "/api/v1/namespaces/{ns}/services",
@@ -35,9 +56,21 @@ _PATHS = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"HTTP {status}: {message}")
+    """An HTTP error answer; ``str()`` names the request: ``PATCH /apis/... -> 422: message``."""
+
+    def __init__(self, status: int, message: str, *, method: str = "", path: str = "") -> None:
+        where = f"{method} {path} -> " if method else ""
+        super().__init__(f"{where}HTTP {status}: {message}")
         self.status = status
+        self.message = message
+        self.method = method
+        self.path = path
+
+    @property
+    def permanent(self) -> bool:
+        """A refusal that repeating the same request cannot change (400, 403, 404, 422, ...):
+        not a conflict, a rate limit, a timeout or an expired token, which a retry may cure."""
+        return 400 <= self.status < 500 and self.status not in (401, 408, 409, 425, 429)
 
 
 def resource_path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
@@ -108,7 +141,7 @@ class KubeClient:
     ) -> Any:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-        headers: dict[str, str] = {"Accept": "application/json"}
+        headers: dict[str, str] = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if self._headers_fn is not None:
             headers.update(self._headers_fn())
         data = None
@@ -124,7 +157,7 @@ class KubeClient:
                     message = json.loads(text).get("message", text)
                 except (ValueError, AttributeError):
                     message = text
-                raise ApiError(response.status, str(message)[:500])
+                raise ApiError(response.status, str(message)[:500], method=method, path=path)
             return json.loads(text) if text else None
 
     async def get(self, path: str) -> dict[str, Any] | None:
@@ -140,6 +173,17 @@ class KubeClient:
     async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = await self.request(
             "PATCH", path, dict(patch), content_type="application/merge-patch+json"
+        )
+        return result
+
+    async def apply(self, path: str, body: Mapping[str, Any], *, force: bool = True) -> dict[str, Any]:
+        """Server-side apply (creates the object when absent). ``force`` takes over fields another
+        manager changed: the operator is the only author of its children's desired state."""
+        params = {"fieldManager": FIELD_MANAGER}
+        if force:
+            params["force"] = "true"
+        result: dict[str, Any] = await self.request(
+            "PATCH", path, dict(body), content_type="application/apply-patch+yaml", params=params
         )
         return result
 

@@ -34,6 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the Prometheus metrics endpoint (0 to disable)",
     )
     parser.add_argument(
+        "--metrics-address",
+        default=os.environ.get("PARALLAMA_OPERATOR_METRICS_ADDRESS", "0.0.0.0"),
+        help="address the metrics endpoint binds (default 0.0.0.0: Prometheus scrapes the pod IP;"
+        " 127.0.0.1 keeps it local)",
+    )
+    parser.add_argument(
+        "--model-url-allow",
+        default=None,
+        help="comma list of host globs whose model headers the operator may fetch"
+        " (env PARALLAMA_MODEL_URL_ALLOW; empty: any host)",
+    )
+    parser.add_argument(
         "--runtime-image",
         default=None,
         help="default runtime image for ModelDeployments without spec.image (env PARALLAMA_RUNTIME_IMAGE)",
@@ -54,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.runtime_image:
         os.environ["PARALLAMA_RUNTIME_IMAGE"] = args.runtime_image
+    if args.model_url_allow is not None:
+        os.environ["PARALLAMA_MODEL_URL_ALLOW"] = args.model_url_allow
     if args.metrics_port:
-        start_http_server(args.metrics_port)
+        start_http_server(args.metrics_port, addr=args.metrics_address)
     namespaces = list(args.namespace)
     try:
         asyncio.run(

@@ -6,6 +6,8 @@ does it make, and how often does reality (OOM kills) contradict a plan.
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "RECONCILES",
     "RECONCILE_SECONDS",
     "REPLANS",
+    "forget",
 ]
 
 RECONCILES = Counter(
@@ -39,3 +42,10 @@ PLANNED_GPUS = Gauge(
     "GPUs per replica of the current plan.",
     ["namespace", "name"],
 )
+
+
+def forget(namespace: str, name: str) -> None:
+    """Drop the per-object series of a deleted ModelDeployment (a gauge would report it forever)."""
+    for gauge in (PLANNED_SLOTS, PLANNED_GPUS):
+        with contextlib.suppress(KeyError):  # never planned by this process
+            gauge.remove(namespace, name)

@@ -6,10 +6,12 @@ gets, how an OOM kill turns into extra reserve, what the status says, and which 
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 from parallama_runtime.planning.memory import KVCacheType
 from parallama_runtime.planning.model_info import ModelInfo, model_info_from_metadata
@@ -22,7 +24,9 @@ __all__ = [
     "MAX_EXTRA_RESERVE_FRACTION",
     "compute_plan",
     "model_from_metadata",
+    "model_url_refusal",
     "next_extra_reserve",
+    "parse_url_allowlist",
     "phase_for",
     "plan_hash",
     "plan_request",
@@ -44,6 +48,44 @@ def model_from_metadata(spec: ModelDeploymentSpec) -> ModelInfo | None:
         return None
     values = spec.model.metadata.model_dump(by_alias=True, exclude_none=True)
     return model_info_from_metadata(values, source=spec.model.uri)
+
+
+def parse_url_allowlist(value: str | None) -> tuple[str, ...]:
+    """``PARALLAMA_MODEL_URL_ALLOW``: a comma list of host globs (``huggingface.co``, ``*.hf.co``,
+    ``models.internal:8443``); a pattern prefixed ``http://`` also allows plain http for those hosts."""
+    return tuple(p.strip().lower() for p in (value or "").split(",") if p.strip())
+
+
+def model_url_refusal(uri: str, allow: tuple[str, ...]) -> str | None:
+    """Why the operator must not fetch ``uri`` itself (None when it may).
+
+    An empty list allows every http(s) URL: then anyone who may create a ModelDeployment makes the
+    operator send bounded GET requests to any address its pod can reach (an SSRF risk in clusters
+    with internal services). Otherwise the host (or ``host:port`` for a pattern with a port) must
+    match a glob; https only, unless the matching pattern starts with ``http://``.
+    """
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme not in ("http", "https"):
+        return f"the operator fetches only http(s) model headers, not {scheme}://"
+    if not allow:
+        return None
+    host = (parsed.hostname or "").lower()
+    port = parsed.port or (443 if scheme == "https" else 80)
+    for pattern in allow:
+        pattern_scheme, _, glob = pattern.rpartition("://")
+        if pattern_scheme and pattern_scheme not in ("http", "https"):
+            continue
+        if scheme == "http" and pattern_scheme != "http":
+            continue
+        target = f"{host}:{port}" if ":" in glob else host
+        if fnmatch.fnmatchcase(target, glob):
+            return None
+    return (
+        f"the operator may not fetch the header of {scheme}://{parsed.netloc}: the host is not in its"
+        f" model URL allowlist ({', '.join(allow)}); give spec.model.metadata, or ask the cluster admin"
+        " to extend PARALLAMA_MODEL_URL_ALLOW"
+    )
 
 
 def plan_request(spec: ModelDeploymentSpec, extra_reserve_bytes: int = 0) -> PlanRequest:

@@ -46,6 +46,35 @@ def _validations(*rules: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(rules)}
 
 
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+"""A ModelDeployment's name names its Service, so it must be a DNS-1035 label (what a Service name
+is): lower case letters, digits and '-', starting with a letter, at most 63 characters. The CRD
+refuses other names (``chat.v2``, ``1chat``) with the same rule; children never get derived names."""
+NAME_RULES = [
+    _cel(
+        "self.metadata.name.size() <= 63",
+        "the name must have at most 63 characters: it names the Service and the pods",
+        reason="FieldValueInvalid",
+    ),
+    _cel(
+        f"self.metadata.name.matches('{NAME_PATTERN}')",
+        "the name must be a DNS-1035 label (lower case letters, digits and '-', starting with a letter,"
+        " like a Service name): it names the Service",
+        reason="FieldValueInvalid",
+    ),
+]
+"""The CEL rules at the top of the CRD's schema (only there can CEL see ``metadata.name``)."""
+
+
+def name_error(name: str) -> str | None:
+    """The CEL name rules again, for the operator (an old CRD or an emulator may not run them)."""
+    if len(name) > 63:
+        return f"invalid name {name!r}: {NAME_RULES[0]['message']}"
+    if not re.match(NAME_PATTERN, name):
+        return f"invalid name {name!r}: {NAME_RULES[1]['message']}"
+    return None
+
+
 _PRESERVE: dict[str, Any] = {"x-kubernetes-preserve-unknown-fields": True}
 _PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+"
 
@@ -108,6 +137,11 @@ class ModelSource(_Camel):
                 field_path=".uri",
             ),
             _cel(
+                "!self.uri.startsWith('http://') || has(self.sha256)",
+                "an http:// model needs model.sha256 (nothing else proves what was downloaded); or use https://",
+                field_path=".sha256",
+            ),
+            _cel(
                 "self.uri.matches('^https?://') || has(self.metadata)",
                 "pvc:// and file:// models need model.metadata: the operator cannot read their GGUF header",
                 field_path=".metadata",
@@ -131,6 +165,10 @@ class ModelSource(_Camel):
             r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/.+", self.uri
         ):
             raise ValueError("a pvc:// model URI is pvc://<claim>/<path inside the claim>")
+        if self.uri.startswith("http://") and not self.sha256:
+            raise ValueError(
+                "an http:// model needs model.sha256 (nothing else proves what was downloaded); or use https://"
+            )
         if not re.match(r"^https?://", self.uri) and self.metadata is None:
             raise ValueError(
                 "pvc:// and file:// models need model.metadata: the operator cannot read their GGUF header"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,24 @@ def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ModelServer:
     """Serves the demo GGUF over HTTP; aiohttp's file responses honour Range requests."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sha256: str) -> None:
         self.url = url
+        self.sha256 = sha256
         self.ranges: list[str | None] = []
+
+    @property
+    def source(self) -> dict[str, str]:
+        """``spec.model`` for this file: http:// needs its sha256 (the CRD and the operator insist)."""
+        return {"uri": self.url, "sha256": self.sha256}
+
+
+@pytest.fixture(scope="session")
+def gguf_sha256(gguf_path: Path) -> str:
+    return hashlib.sha256(gguf_path.read_bytes()).hexdigest()
 
 
 @pytest_asyncio.fixture()
-async def model_server(gguf_path: Path) -> AsyncIterator[ModelServer]:
+async def model_server(gguf_path: Path, gguf_sha256: str) -> AsyncIterator[ModelServer]:
     server: ModelServer | None = None
 
     @aiohttp.web.middleware
@@ -48,7 +60,7 @@ async def model_server(gguf_path: Path) -> AsyncIterator[ModelServer]:
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
-    server = ModelServer(f"http://127.0.0.1:{port}/models/{gguf_path.name}")
+    server = ModelServer(f"http://127.0.0.1:{port}/models/{gguf_path.name}", gguf_sha256)
     yield server
     await runner.cleanup()
 
@@ -56,6 +68,11 @@ async def model_server(gguf_path: Path) -> AsyncIterator[ModelServer]:
 @pytest.fixture()
 def model_url(model_server: ModelServer) -> str:
     return model_server.url
+
+
+@pytest.fixture()
+def model(model_server: ModelServer) -> dict[str, str]:
+    return model_server.source
 
 
 @pytest_asyncio.fixture()

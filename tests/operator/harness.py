@@ -14,7 +14,16 @@ kmock 0.8 emulates object storage and watch streams, but (as of this version):
 6. ignores ``metadata.generateName`` (every kopf Event after the first then conflicts) -> a name is
    generated here;
 7. discovers only resources it has objects or reactions for, while kopf waits for ``v1/namespaces``
-   to be discoverable -> the bundled built-in resource list and the ModelDeployment CRD are loaded.
+   to be discoverable -> the bundled built-in resource list and the ModelDeployment CRD are loaded;
+8. has no server-side apply (``PATCH`` with ``application/apply-patch+yaml``) -> a minimal one here:
+   the object is created when absent; otherwise every leaf the same field manager applied last time
+   and omits now is removed, then the new object is merged in (maps recursively, lists replaced
+   whole). Ownership is tracked per manager as its last applied object (not as a real fieldsV1 set;
+   no conflicts between managers, ``force`` is accepted and ignored), and
+   ``metadata.managedFields`` gets an ``Apply`` entry naming the manager, which is what the operator
+   reads. Enough to prove that dropped fields disappear; not a full SSA implementation;
+9. runs no admission: ``refuse(plural, name, status, message)`` makes the next writes of one object
+   fail like an admission or validation error would.
 
 Everything else is kmock's own behaviour. Nothing here knows about parallama.
 """
@@ -85,6 +94,30 @@ def apply_json_patch(doc: Any, ops: list[Mapping[str, Any]]) -> Any:
     return doc
 
 
+def _timestamp() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _merge(target: dict[str, Any], patch: Mapping[str, Any]) -> None:
+    """Maps merge recursively; lists and scalars replace (no list-map keys in this emulation)."""
+    for key, value in patch.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def _remove_dropped(target: dict[str, Any], before: Any, now: Any) -> None:
+    """Remove from ``target`` what the manager applied ``before`` and no longer applies ``now``."""
+    if not isinstance(before, Mapping):
+        return
+    for key, old in before.items():
+        if not isinstance(now, Mapping) or key not in now:
+            target.pop(key, None)
+        elif isinstance(old, Mapping) and isinstance(target.get(key), dict):
+            _remove_dropped(target[key], old, now[key])
+
+
 def _selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
     for term in filter(None, (t.strip() for t in selector.split(","))):
         if "!=" in term:
@@ -106,6 +139,15 @@ def _selector_matches(selector: str, labels: Mapping[str, str]) -> bool:
 @attrs.define(kw_only=True)
 class ClusterEmulator(kmock.KubernetesEmulator):
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _applied: dict[tuple[Any, str | None, str | None, str], Any] = attrs.field(factory=dict, init=False)
+    _refusals: dict[tuple[str, str], tuple[int, str]] = attrs.field(factory=dict, init=False)
+
+    def refuse(self, plural: str, name: str, status: int, message: str) -> None:
+        """Answer every create/patch of ``plural/name`` with ``status`` until :meth:`allow`."""
+        self._refusals[plural, name] = (status, message)
+
+    def allow(self, plural: str, name: str) -> None:
+        self._refusals.pop((plural, name), None)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -179,6 +221,14 @@ class ClusterEmulator(kmock.KubernetesEmulator):
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         is_update = request.resource is not None and request.action == enums.action.UPDATE
+        if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
+            name = request.name or ((request.data or {}).get("metadata") or {}).get("name")
+            refusal = self._refusals.get((request.resource.plural, name or ""))
+            if refusal is not None and request.subresource is None:
+                raise kmock.KubernetesError(status=refusal[0], reason="Invalid", message=refusal[1])
+        content_type = request.headers.get("Content-Type", "")
+        if is_update and content_type.startswith("application/apply-patch"):
+            return await self._server_side_apply(request)
         if is_update and isinstance(request.data, list):
             return await self._json_patch(request)
         if request.resource is not None and request.action in (enums.action.CREATE, enums.action.UPDATE):
@@ -206,6 +256,45 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             else:
                 await self._buses[request.resource].put({"type": "MODIFIED", "object": new})
         return aiohttp.web.json_response(new)
+
+    async def _server_side_apply(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
+        assert request.resource is not None and isinstance(request.data, dict)
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="fieldManager is required")
+        key = (request.resource, request.namespace, request.name)
+        owner_key = (request.resource, request.namespace, request.name, manager)
+        applied = copy.deepcopy(request.data)
+        async with self._lock:
+            exists = key in self._objects and not self._objects[key].deleted
+            if exists:
+                new = copy.deepcopy(self._objects[key].raw)
+                _remove_dropped(new, self._applied.get(owner_key), applied)
+                _merge(new, applied)
+            else:
+                new = copy.deepcopy(applied)
+                meta = new.setdefault("metadata", {})
+                meta["uid"] = str(uuid.uuid4())
+                meta["generation"] = 1
+                meta["creationTimestamp"] = _timestamp()
+                meta.setdefault("namespace", request.namespace)
+            meta = new.setdefault("metadata", {})
+            old_spec = self._objects[key].raw.get("spec") if exists else None
+            if exists and new.get("spec") != old_spec:
+                meta["generation"] = int(meta.get("generation") or 1) + 1
+            others = [f for f in meta.get("managedFields") or [] if f.get("manager") != manager]
+            entry = {"manager": manager, "operation": "Apply", "apiVersion": new.get("apiVersion")}
+            meta["managedFields"] = [*others, {**entry, "time": _timestamp(), "fieldsType": "FieldsV1"}]
+            meta["resourceVersion"] = self._next_version()
+            self._applied[owner_key] = applied
+            if exists:
+                self._objects[key].create(new)
+            else:
+                self._objects[key] = new
+            await self._buses[request.resource].put(
+                {"type": "MODIFIED" if exists else "ADDED", "object": new}
+            )
+        return aiohttp.web.json_response(new, status=200 if exists else 201)
 
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:
         result: dict[str, Any] = await super()._serve_list(request)  # type: ignore[assignment]

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 from parallama_operator.builders import (
     ASSUMED_LOAD_BYTES_PER_SECOND,
+    DOWNLOAD_SCRIPT,
     PLAN_HASH_ANNOTATION,
     Owner,
     build_all,
@@ -66,7 +71,7 @@ def test_env_contract_follows_the_plan() -> None:
     assert env["OLLAMA_FLASH_ATTENTION"] == "1"
     assert env["PARALLAMA_GPU_LAYERS"] == "-1"
     assert env["PARALLAMA_MODEL"] == "/models/llama-8b-q4.gguf"
-    assert env["PARALLAMA_TENSOR_SPLIT"] == ""  # one GPU: nothing to split
+    assert "PARALLAMA_TENSOR_SPLIT" not in env  # one GPU: nothing to split, and no empty value
     assert env["PARALLAMA_SWA_FULL"] == "0"
 
 
@@ -158,11 +163,80 @@ def test_download_init_container_verifies_sha256() -> None:
     plan = plan_for(spec_of(), [L4])
     pod = build_deployment(OWNER, spec, plan)["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
-    script = init["command"][-1]
-    assert "https://models.example/x.gguf" in script and f"{digest}  /models/x.gguf" in script
-    assert "sha256sum -c" in script
+    assert init["command"] == ["sh", "-c", DOWNLOAD_SCRIPT]
+    assert "sha256sum -c" in DOWNLOAD_SCRIPT
+    values = {e["name"]: e.get("value") for e in init["env"]}
+    assert values["MODEL_URI"] == "https://models.example/x.gguf" and values["MODEL_SHA256"] == digest
+    assert values["MODEL_PATH"] == "/models/x.gguf"
+    # each pod downloads to its own partial file and renames it into place
+    assert (
+        '"$MODEL_PATH.part.$POD_NAME"' in DOWNLOAD_SCRIPT and 'mv -f "$part" "$MODEL_PATH"' in DOWNLOAD_SCRIPT
+    )
     volume = next(v for v in pod["volumes"] if v["name"] == "model")
     assert volume == {"name": "model", "emptyDir": {"sizeLimit": "10Gi"}}
+
+
+def test_download_script_holds_no_user_string() -> None:
+    """A URI built to break out of shell quoting stays data: the script is a constant that only
+    expands "$MODEL_URI" inside double quotes."""
+    uri = "https://evil.example/x.gguf';touch /tmp/pwned;'$(id)`id`\"; echo"
+    spec = ModelDeploymentSpec.model_validate({"model": {"uri": uri}})
+    pod = build_deployment(OWNER, spec, plan_for(spec_of(), [L4]))["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["sh", "-c", DOWNLOAD_SCRIPT]
+    assert all("evil" not in part and "pwned" not in part for part in init["command"])
+    assert {"name": "MODEL_URI", "value": uri} in init["env"]
+    assert "MODEL_SHA256" not in {e["name"] for e in init["env"]}  # omitted, never an empty value
+
+
+def test_download_script_runs_with_a_hostile_uri(tmp_path: Path) -> None:
+    """Run the real script with sh and a stand-in curl: the URI reaches curl as one argument and
+    nothing in it is executed; the download lands through the pod's own partial file."""
+    pwned = tmp_path / "pwned"
+    uri = f"https://evil.example/x.gguf';touch {pwned};'$(touch {pwned})`touch {pwned}`"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_curl = bin_dir / "curl"
+    # writes its last argument (the URL) to the -o file and logs the argv
+    fake_curl.write_text(
+        '#!/bin/sh\nout=""\n'
+        'while [ $# -gt 0 ]; do case "$1" in -o) out="$2"; shift;; esac; last="$1"; shift; done\n'
+        f'printf "%s" "$last" > "$out"\nprintf "%s" "$last" > {tmp_path}/curl-url\n'
+    )
+    fake_curl.chmod(0o755)
+    target = tmp_path / "models" / "x.gguf"
+    target.parent.mkdir()
+    digest = hashlib.sha256(uri.encode()).hexdigest()
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "MODEL_URI": uri,
+        "MODEL_PATH": str(target),
+        "MODEL_SHA256": digest,
+        "POD_NAME": "chat-abc",
+    }
+    subprocess.run(["sh", "-c", DOWNLOAD_SCRIPT], env=env, check=True, capture_output=True)
+    assert not pwned.exists()
+    assert (tmp_path / "curl-url").read_text() == uri
+    assert target.read_text() == uri and not list(target.parent.glob("*.part.*"))
+    # a wrong digest: refused, and nothing is left at the target
+    target.unlink()
+    failed = subprocess.run(
+        ["sh", "-c", DOWNLOAD_SCRIPT], env={**env, "MODEL_SHA256": "0" * 64}, capture_output=True
+    )
+    assert failed.returncode != 0 and not target.exists() and not pwned.exists()
+
+
+def test_no_empty_env_values() -> None:
+    """The API server drops an empty env value: emitting one makes every comparison differ."""
+    for raw in (
+        {"model": {"uri": "https://m.example/a.gguf"}},
+        {"model": {"uri": "https://m.example/a.gguf"}, "engine": "ollama"},
+    ):
+        spec = ModelDeploymentSpec.model_validate(raw)
+        pod = build_deployment(OWNER, spec, plan_for(spec_of(), [L4]))["spec"]["template"]["spec"]
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
+            for item in container.get("env", []):
+                assert item.get("value") != "", item
 
 
 def test_pvc_model_is_mounted_read_only_with_sub_path() -> None:

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from parallama_operator.crd import crd_manifest, crd_yaml
-from parallama_operator.resources import ModelDeploymentSpec
+from parallama_operator.resources import ModelDeploymentSpec, name_error
 from pydantic import ValidationError
 from schema_tools import admit
 
@@ -153,6 +153,7 @@ INVALID = [
     ({"model": {"uri": "https://x/m.gguf"}, "storage": {"volume": "persistentVolumeClaim"}}, "claimName"),
     ({"model": {"uri": "https://x/m.gguf"}, "kvCacheType": "q2"}, "kvCacheType"),
     ({"model": {"uri": "https://x/m.gguf", "sha256": "xyz"}}, "sha256"),
+    ({"model": {"uri": "http://models.local/m.gguf"}}, "http:// model needs model.sha256"),
 ]
 
 
@@ -180,6 +181,20 @@ def test_long_names_are_refused(schema: dict[str, Any]) -> None:
     assert any("63 characters" in e for e in errors)
     _obj, errors = admit(schema, md({"model": {"uri": "https://x/m.gguf"}}, name="x" * 63))
     assert errors == []
+
+
+@pytest.mark.parametrize("name", ["chat.v2", "1chat", "Chat", "chat-", "a_b"])
+def test_names_that_cannot_name_a_service_are_refused_by_both(schema: dict[str, Any], name: str) -> None:
+    _obj, errors = admit(schema, md({"model": {"uri": "https://x/m.gguf"}}, name=name))
+    assert any("DNS-1035" in e for e in errors), errors
+    message = name_error(name)
+    assert message is not None and "DNS-1035" in message and name in message
+
+
+@pytest.mark.parametrize("name", ["chat", "chat-v2", "a", "llama-3-8b"])
+def test_service_names_are_admitted_by_both(schema: dict[str, Any], name: str) -> None:
+    _obj, errors = admit(schema, md({"model": {"uri": "https://x/m.gguf"}}, name=name))
+    assert errors == [] and name_error(name) is None
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

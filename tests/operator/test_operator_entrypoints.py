@@ -36,7 +36,15 @@ def test_importing_the_package_registers_every_handler() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "operator"), str(ROOT / "runtime")])}
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
     ids = out.stdout.split()
-    for expected in ("configure", "gpu_nodes", "node_changed", "replanner", "pod_event", "deployment_event"):
+    expected_ids = (
+        "configure",
+        "gpu_nodes",
+        "node_changed",
+        "model_deployment_event",
+        "pod_event",
+        "deployment_event",
+    )
+    for expected in expected_ids:
         assert expected in ids, ids
     assert any(i.startswith("reconcile_handler") for i in ids)
 
@@ -48,6 +56,7 @@ def test_operator_arguments() -> None:
     assert args.namespace == ["ai", "ml"] and args.metrics_port == 0 and args.liveness == ""
     defaults = parser.parse_args([])
     assert defaults.namespace == [] and defaults.liveness.endswith("/healthz")
+    assert defaults.metrics_address == "0.0.0.0" and defaults.model_url_allow is None
 
 
 def _free_port() -> int:
@@ -67,7 +76,7 @@ RUN = (
 
 
 async def test_parallama_operator_serves_metrics_liveness_and_stops_cleanly(
-    cluster: Cluster, model_url: str
+    cluster: Cluster, model: dict[str, str]
 ) -> None:
     """`parallama operator` as cli.py will call it, in its own process."""
     await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
@@ -86,7 +95,7 @@ async def test_parallama_operator_serves_metrics_liveness_and_stops_cleanly(
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
-        await cluster.create_md("chat", {"model": {"uri": model_url}})
+        await cluster.create_md("chat", {"model": model})
         await cluster.wait_for(
             lambda: (cluster.md("chat").get("status") or {}).get("plan"),
             within=30,
