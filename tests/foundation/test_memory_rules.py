@@ -142,3 +142,29 @@ def test_gpu_plans_count_cuda_flash_attention_over_a_quantized_cache() -> None:
     cells = kv_cells_per_slot(4096, 4) * 4
     assert compute(KVCacheType.Q8_0, gpu=True) - compute(KVCacheType.Q8_0, gpu=False) == cells * width * 2
     assert compute(KVCacheType.F16, gpu=True) == compute(KVCacheType.F16, gpu=False)
+
+
+def test_replicas_go_where_they_all_fit_and_the_plan_says_where() -> None:
+    """4 replicas of a small model: one L4 node hosts only one, an 8 x L20 node all four; the plan
+    takes the L20s and places every replica instead of pinning them to a product that holds one."""
+    model = model_info_from_metadata(PRESETS["llama-3.1-8b"])
+    l4 = Node(name="l4", product="NVIDIA-L4", gpu_count=1, gpu_memory_bytes=24 * GiB)
+    l20 = Node(name="l20", product="NVIDIA-L20", gpu_count=8, gpu_memory_bytes=48 * GiB)
+    one = make_plan(model, [l4, l20], PlanRequest())
+    assert one.gpu_product == "NVIDIA-L4" and one.placement == {"l4": 1}  # smallest GPU for a single replica
+    four = make_plan(model, [l4, l20], PlanRequest(replicas=4))
+    assert four.gpu_product == "NVIDIA-L20" and four.placement == {"l20": 4} and four.replicas_placed == 4
+    assert "4 replicas on l20 (4)" in four.reason
+
+
+def test_a_partial_placement_says_how_many_fit_and_packs_small_nodes_first() -> None:
+    model = model_info_from_metadata(PRESETS["qwen2.5-32b"])  # needs 2 L4s per replica
+    nodes = [
+        Node(name="big", product="NVIDIA-L4", gpu_count=8, gpu_memory_bytes=24 * GiB),
+        Node(name="small", product="NVIDIA-L4", gpu_count=2, gpu_memory_bytes=24 * GiB),
+    ]
+    plan = make_plan(model, nodes, PlanRequest(replicas=2))
+    assert plan.gpus_per_replica == 2 and plan.placement == {"small": 1, "big": 1}
+    many = make_plan(model, nodes, PlanRequest(replicas=7))
+    assert many.fits and many.replicas_placed == 5 and many.placement == {"small": 1, "big": 4}
+    assert "only 5 of 7 replicas fit" in many.reason and "2 free NVIDIA-L4" in many.reason

@@ -104,6 +104,8 @@ class PlanRequest(BaseModel):
     swa_full: bool = False
     """Full-size caches for sliding-window layers (llama.cpp's ``swa_full``); False is llama-server's
     default: a window-sized cache, which lets several times more slots fit."""
+    replicas: int = Field(default=1, ge=0)
+    """Replicas to place: a GPU shape that hosts them all is preferred to one that hosts fewer."""
 
     @model_validator(mode="after")
     def _bounds(self) -> PlanRequest:
@@ -176,6 +178,15 @@ class Plan(BaseModel):
     reason: str
     warnings: list[str] = Field(default_factory=list)
     """Things that fit but deserve a look, e.g. a context beyond what the model was trained for."""
+    replicas: int = 1
+    """Replicas asked for."""
+    placement: dict[str, int] = Field(default_factory=dict)
+    """Replicas per node, as many as fit: each needs ``gpus_per_replica`` free GPUs of the planned
+    product on one node. Fewer than ``replicas`` means the rest would stay Pending."""
+
+    @property
+    def replicas_placed(self) -> int:
+        return sum(self.placement.values())
 
 
 def format_bytes(value: float) -> str:
@@ -351,11 +362,21 @@ def make_plan(model: ModelInfo, nodes: Sequence[Node], request: PlanRequest | No
             if (trial := _best_slots(model, request, shape, gpus)) is not None
         ]
         if fitting:
-            # most slots; then the smallest GPU that does it (leave big GPUs to big models); then most nodes
-            fitting.sort(key=lambda t: (-t.slots, t.shape.gpu_memory_bytes, -len(t.shape.nodes)))
+            # the GPU class (product, memory) that hosts the most of the replicas asked for; then most
+            # slots; then the smallest GPU that does it (leave big GPUs to big models); then most nodes
+            def room(trial: _Trial, gpus: int = gpus) -> int:
+                return min(_capacity(candidates, trial.shape, gpus), request.replicas)
+
+            fitting.sort(key=lambda t: (-room(t), -t.slots, t.shape.gpu_memory_bytes, -len(t.shape.nodes)))
             best = fitting[0]
-            hosts = [t for t in fitting if t.slots == best.slots]
-            return _fitting_plan(model, request, best, hosts)
+            hosts = sorted(
+                name
+                for shape in candidates
+                if _same_class(shape, best.shape) and shape.hosts(gpus)
+                for name in shape.nodes
+            )
+            placement = _placement(candidates, best, request.replicas)
+            return _fitting_plan(model, request, best, placement, hosts)
     return _refusal(model, request, candidates, gpu_counts)
 
 
@@ -447,7 +468,43 @@ def _plan_from_trial(
     )
 
 
-def _fitting_plan(model: ModelInfo, request: PlanRequest, best: _Trial, hosts: list[_Trial]) -> Plan:
+def _same_class(a: _Shape, b: _Shape) -> bool:
+    """Nodes a Deployment pinned to ``a``'s product can use for a replica planned on ``a``."""
+    return (a.product, a.gpu_memory_bytes, a.is_cpu) == (b.product, b.gpu_memory_bytes, b.is_cpu)
+
+
+def _capacity(shapes: list[_Shape], planned: _Shape, gpus: int) -> int:
+    """Replicas of ``gpus`` GPUs that the nodes of ``planned``'s class can hold in all."""
+    if planned.is_cpu:
+        return sum(len(s.nodes) for s in shapes if _same_class(s, planned))
+    return sum(
+        len(s.nodes) * (s.gpu_count // gpus) for s in shapes if _same_class(s, planned) and s.hosts(gpus)
+    )
+
+
+def _placement(shapes: list[_Shape], best: _Trial, replicas: int) -> dict[str, int]:
+    """Replicas per node: best fit, the nodes with the fewest spare GPUs first, so that nodes with
+    many free GPUs stay whole for models that need them."""
+    per_node: list[tuple[int, str]] = []
+    for shape in shapes:
+        if not _same_class(shape, best.shape) or not shape.hosts(best.gpus):
+            continue
+        fits = 1 if shape.is_cpu else shape.gpu_count // best.gpus
+        per_node.extend((fits, name) for name in shape.nodes)
+    placement: dict[str, int] = {}
+    left = replicas
+    for fits, name in sorted(per_node):
+        if left <= 0:
+            break
+        take = min(fits, left)
+        placement[name] = take
+        left -= take
+    return placement
+
+
+def _fitting_plan(
+    model: ModelInfo, request: PlanRequest, best: _Trial, placement: dict[str, int], hosts: list[str]
+) -> Plan:
     _, high = request.slot_bounds()
     where = "CPU memory" if best.shape.is_cpu else f"{best.gpus} x {best.shape.product}"
     used = best.estimate.total_bytes
@@ -465,8 +522,19 @@ def _fitting_plan(model: ModelInfo, request: PlanRequest, best: _Trial, hosts: l
         sentence += f"; a slot more would lack {format_bytes(more.shortfall)}"
     if best.gpus > 1:
         sentence += f"; layers split {'/'.join(str(d.layers) for d in best.estimate.devices)}"
-    nodes = sorted({name for trial in hosts for name in trial.shape.nodes})
-    return _plan_from_trial(model, request, best, fits=True, reason=sentence, nodes=nodes)
+    placed = sum(placement.values())
+    if request.replicas > 1 or placed < request.replicas:
+        where_placed = ", ".join(f"{name} ({count})" for name, count in sorted(placement.items()))
+        if placed >= request.replicas:
+            sentence += f"; {request.replicas} replicas on {where_placed}"
+        else:
+            sentence += (
+                f"; only {placed} of {request.replicas} replicas fit"
+                + (f" ({where_placed})" if where_placed else "")
+                + f": the others lack a node with {best.gpus} free {best.shape.product}"
+            )
+    plan = _plan_from_trial(model, request, best, fits=True, reason=sentence, nodes=hosts)
+    return plan.model_copy(update={"replicas": request.replicas, "placement": placement})
 
 
 def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_counts: list[int]) -> Plan:
