@@ -59,7 +59,7 @@ from .builders import (
     with_applied_hash,
 )
 from .health import runtime_troubles
-from .inventory import trim_node
+from .inventory import trim_node, trim_pod
 from .kube import FIELD_MANAGER, ApiError, KubeClient, resource_path
 from .planning import (
     compute_plan,
@@ -126,6 +126,9 @@ class OperatorState:
     url_allow: tuple[str, ...] = ()
     inventory_version: int = 0
     nodes_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gpu_pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    """Every pod of the cluster that holds an NVIDIA resource, trimmed (inventory.trim_pod): GPUs
+    they hold are not free for a plan. A pod change does not re-plan by itself."""
     models: dict[tuple[str, str | None], ModelInfo] = field(default_factory=dict)
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     model_locks: dict[tuple[str, str | None], asyncio.Lock] = field(default_factory=dict)
@@ -307,6 +310,16 @@ def node_changed(type: str, name: str, body: kopf.Body, **_: Any) -> None:
     elif STATE.nodes_seen.get(name) != trimmed:
         STATE.nodes_seen[name] = trimmed
         STATE.bump_inventory()
+
+
+@kopf.on.event("", "v1", "pods")
+def gpu_pod_changed(type: str, name: str, namespace: str | None, body: kopf.Body, **_: Any) -> None:
+    key = (namespace or "", name)
+    trimmed = None if type == "DELETED" else trim_pod(body)
+    if trimmed is None:
+        STATE.gpu_pods.pop(key, None)
+    else:
+        STATE.gpu_pods[key] = trimmed
 
 
 def _inventory(index: kopf.Index[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -500,7 +513,16 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
 
     client = STATE.kube
     extra = int(status.get("extraReserveBytes") or 0)
-    plan = compute_plan(spec, model, nodes, extra)
+    serving_plan: Mapping[str, Any] = status.get("plan") or {}
+    plan = compute_plan(
+        spec,
+        model,
+        nodes,
+        extra,
+        pods=list(STATE.gpu_pods.values()),
+        owner=(namespace, name),
+        prefer_product=serving_plan.get("gpuProduct") if serving_plan.get("fits") else None,
+    )
     if plan.refused:  # llama.cpp would refuse these settings on any node: a spec error, not capacity
         await _mark_invalid(body, "UnsupportedSettings", plan.reason)
         return
@@ -508,6 +530,12 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     metrics.PLANS.labels(str(plan.fits).lower()).inc()
     previous: Mapping[str, Any] = status.get("plan") or {}
     changed = previous.get("hash") != planned.hash
+    if trigger == "nodes" and changed and previous.get("fits") and (status.get("readyReplicas") or 0) > 0:
+        # inventory churn (a cordon, a NotReady blip, GPUs taken by others) never takes serving
+        # capacity away: the serving plan stays, with maxSurge 0 any roll would stop pods before
+        # their replacements are ready; only a spec change re-plans it
+        await _hold_serving_plan(body, plan)
+        return
 
     desired = spec.replicas if plan.fits else 0
     ready = observed = 0
@@ -544,7 +572,9 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
 
     # a Degraded condition lasts until a different plan answers it
     degraded = _condition_true(status, "Degraded") and not changed
-    phase = phase_for(fits=plan.fits, desired=desired, ready=ready, degraded=degraded)
+    phase = phase_for(
+        fits=plan.fits, desired=desired, ready=ready, degraded=degraded, placed=plan.replicas_placed
+    )
     now = _now()
     gen = meta.get("generation")
     conditions: list[dict[str, Any]] = list(status.get("conditions") or [])
@@ -587,6 +617,9 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     if not plan.fits:
         if changed or status.get("phase") != Phase.UNSCHEDULABLE:
             await _event(body, "Warning", "Unschedulable", plan.reason)
+    elif plan.replicas_placed < spec.replicas:
+        if changed or status.get("phase") != Phase.PARTIALLY_SCHEDULED:
+            await _event(body, "Warning", "PartiallyScheduled", plan.reason)
     elif changed:
         if previous and trigger != "spec":
             metrics.REPLANS.inc()
@@ -595,6 +628,26 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
             await _event(body, "Normal", "Replanned", message)
         else:
             await _event(body, "Normal", "Planned", plan.reason)
+
+
+async def _hold_serving_plan(body: Mapping[str, Any], plan: Any) -> None:
+    """Keep the serving Deployment as it is; say Degraded, and what a re-plan would do now."""
+    meta = body["metadata"]
+    status: Mapping[str, Any] = body.get("status") or {}
+    verdict = plan.reason if plan.fits else f"it would not fit: {plan.reason}"
+    message = f"the GPU inventory changed; the serving plan stays until the spec changes ({verdict})"
+    already = _condition_true(status, "Degraded") and any(
+        c.get("type") == "Degraded" and c.get("message") == message for c in status.get("conditions") or []
+    )
+    conditions = set_condition(
+        status.get("conditions") or [],
+        Condition(type="Degraded", status="True", reason="InventoryChanged", message=message),
+        _now(),
+    )
+    new_status = {**status, "phase": Phase.DEGRADED.value, "conditions": conditions}
+    await _patch_status(STATE.kube, meta["namespace"], meta["name"], new_status, status)
+    if not already:
+        await _event(body, "Warning", "InventoryChanged", message)
 
 
 def _available(ready: int, desired: int) -> Condition:

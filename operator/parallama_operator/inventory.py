@@ -44,6 +44,7 @@ __all__ = [
     "planner_nodes",
     "requested_gpus",
     "trim_node",
+    "trim_pod",
 ]
 
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
@@ -207,14 +208,15 @@ def requested_gpus(
     resource_name: str = "nvidia.com/gpu",
     *,
     ignore: Mapping[str, str] | None = None,
+    ignore_namespace: str | None = None,
 ) -> dict[str, int]:
     """GPUs that scheduled, non-terminal pods hold, per node.
 
     Extended resources are requested through limits (requests equal them when set), per container;
     init containers run before the others, so a pod holds the larger of its largest init container
     and the sum of its containers, as the scheduler counts it. Pods whose labels include all of
-    ``ignore`` (the replicas of the ModelDeployment being planned) are left out: their GPUs come back
-    to that deployment when it is re-planned.
+    ``ignore`` (the replicas of the ModelDeployment being planned; in ``ignore_namespace`` when
+    given) are left out: their GPUs come back to that deployment when it is re-planned.
     """
     held: dict[str, int] = {}
     for pod in pods:
@@ -222,8 +224,10 @@ def requested_gpus(
         node = spec.get("nodeName")
         if not node or (pod.get("status") or {}).get("phase") in _TERMINAL_PHASES:
             continue
-        labels = (pod.get("metadata") or {}).get("labels") or {}
-        if ignore and all(labels.get(k) == v for k, v in ignore.items()):
+        metadata = pod.get("metadata") or {}
+        labels = metadata.get("labels") or {}
+        same_namespace = ignore_namespace is None or metadata.get("namespace") == ignore_namespace
+        if ignore and same_namespace and all(labels.get(k) == v for k, v in ignore.items()):
             continue
         containers = sum(_container_gpus(c, resource_name) for c in spec.get("containers") or [])
         init = max((_container_gpus(c, resource_name) for c in spec.get("initContainers") or []), default=0)
@@ -321,4 +325,28 @@ def trim_node(body: Mapping[str, Any]) -> dict[str, Any]:
             "allocatable": dict(status.get("allocatable") or {}),
             "conditions": [{"type": "Ready", "status": str(c.get("status"))} for c in ready],
         },
+    }
+
+
+def trim_pod(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What :func:`requested_gpus` reads of a pod, or None for a pod that holds no NVIDIA resource
+    (the operator keeps every GPU pod of the cluster in memory: this keeps that small)."""
+    spec = body.get("spec") or {}
+    metadata = body.get("metadata") or {}
+
+    def gpu_resources(container: Mapping[str, Any]) -> dict[str, Any]:
+        resources = container.get("resources") or {}
+        return {
+            kind: {k: v for k, v in (resources.get(kind) or {}).items() if str(k).startswith("nvidia.com/")}
+            for kind in ("limits", "requests")
+        }
+
+    containers = [{"resources": gpu_resources(c)} for c in spec.get("containers") or []]
+    init = [{"resources": gpu_resources(c)} for c in spec.get("initContainers") or []]
+    if not any(r["resources"]["limits"] or r["resources"]["requests"] for r in containers + init):
+        return None
+    return {
+        "metadata": {"namespace": metadata.get("namespace"), "labels": dict(metadata.get("labels") or {})},
+        "spec": {"nodeName": spec.get("nodeName"), "containers": containers, "initContainers": init},
+        "status": {"phase": (body.get("status") or {}).get("phase")},
     }

@@ -17,7 +17,8 @@ from parallama_runtime.planning.memory import KVCacheType
 from parallama_runtime.planning.model_info import ModelInfo, model_info_from_metadata
 from parallama_runtime.planning.planner import Plan, PlanRequest, make_plan
 
-from .inventory import node_gpus, planner_nodes
+from .builders import pod_labels
+from .inventory import node_gpus, planner_nodes, requested_gpus
 from .resources import Condition, MemoryStatus, ModelDeploymentSpec, Phase, PlanStatus
 
 __all__ = [
@@ -88,7 +89,9 @@ def model_url_refusal(uri: str, allow: tuple[str, ...]) -> str | None:
     )
 
 
-def plan_request(spec: ModelDeploymentSpec, extra_reserve_bytes: int = 0) -> PlanRequest:
+def plan_request(
+    spec: ModelDeploymentSpec, extra_reserve_bytes: int = 0, prefer_product: str | None = None
+) -> PlanRequest:
     par = spec.parallelism
     return PlanRequest(
         num_ctx=spec.num_ctx,
@@ -103,6 +106,8 @@ def plan_request(spec: ModelDeploymentSpec, extra_reserve_bytes: int = 0) -> Pla
         gpus_per_replica=spec.gpu.count,
         gpu_product=spec.gpu.product,
         extra_reserve_bytes=extra_reserve_bytes,
+        replicas=spec.replicas,
+        prefer_product=prefer_product,
     )
 
 
@@ -111,19 +116,34 @@ def compute_plan(
     model: ModelInfo,
     node_bodies: Iterable[Mapping[str, Any]],
     extra_reserve_bytes: int = 0,
+    *,
+    pods: Iterable[Mapping[str, Any]] = (),
+    owner: tuple[str, str] | None = None,
+    prefer_product: str | None = None,
 ) -> Plan:
-    """Plan over Node objects; GPUs are counted by the spec's resource name (MIG and other device
-    plugins advertise different names), which is why the index keeps Nodes, not GPU counts."""
+    """Plan over Node objects and the pods that hold GPUs on them.
+
+    GPUs are counted by the spec's resource name (MIG and other device plugins advertise different
+    names), which is why the index keeps Nodes, not GPU counts. GPUs held by other pods are not
+    free; those held by this ModelDeployment's own replicas (``owner`` = namespace, name) are,
+    since re-planning it may move them. Taints, nodeSelector and required node affinity decide
+    which nodes the pods may use at all.
+    """
     inventory = [node_gpus(body, spec.gpu.resource_name) for body in node_bodies]
-    nodes = planner_nodes(inventory, spec.node_selector)
-    plan = make_plan(model, nodes, plan_request(spec, extra_reserve_bytes))
-    if plan.fits and plan.gpu_product:
-        # the pods are pinned to the chosen product: list only the nodes they can land on
-        hosts = {
-            n.name for n in nodes if n.product == plan.gpu_product and n.gpu_count >= plan.gpus_per_replica
-        }
-        plan = plan.model_copy(update={"nodes": [n for n in plan.nodes if n in hosts]})
-    return plan
+    requested = requested_gpus(
+        pods,
+        spec.gpu.resource_name,
+        ignore=pod_labels(owner[1]) if owner else None,
+        ignore_namespace=owner[0] if owner else None,
+    )
+    nodes = planner_nodes(
+        inventory,
+        spec.node_selector,
+        requested=requested,
+        tolerations=spec.tolerations or [],
+        affinity=spec.affinity,
+    )
+    return make_plan(model, nodes, plan_request(spec, extra_reserve_bytes, prefer_product))
 
 
 def plan_hash(plan: Plan, spec: ModelDeploymentSpec) -> str:
@@ -172,6 +192,8 @@ def plan_status(plan: Plan, spec: ModelDeploymentSpec) -> PlanStatus:
         closest_node=plan.closest_node,
         reason=plan.reason,
         hash=plan_hash(plan, spec),
+        placement=dict(plan.placement),
+        replicas_placed=plan.replicas_placed,
     )
 
 
@@ -191,13 +213,15 @@ def next_extra_reserve(current: int, plan: PlanStatus | None) -> int:
     return min(current + step, cap)
 
 
-def phase_for(*, fits: bool, desired: int, ready: int, degraded: bool) -> Phase:
+def phase_for(*, fits: bool, desired: int, ready: int, degraded: bool, placed: int | None = None) -> Phase:
     if not fits:
         return Phase.UNSCHEDULABLE
     if degraded:
         return Phase.DEGRADED
     if desired == 0:
         return Phase.PLANNED
+    if placed is not None and placed < desired:
+        return Phase.PARTIALLY_SCHEDULED
     if ready >= desired:
         return Phase.READY
     return Phase.DEPLOYING

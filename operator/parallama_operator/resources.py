@@ -347,6 +347,7 @@ class Phase(StrEnum):
     READY = "Ready"
     DEGRADED = "Degraded"
     UNSCHEDULABLE = "Unschedulable"
+    PARTIALLY_SCHEDULED = "PartiallyScheduled"
     INVALID = "Invalid"
 
 
@@ -379,6 +380,10 @@ class PlanStatus(_Camel):
     closest_node: str | None = None
     reason: str
     hash: str = Field(description="Digest of what the pods depend on; a change rolls the Deployment.")
+    placement: dict[str, int] = Field(
+        default_factory=dict, description="Replicas per node, as many as the free GPUs allow."
+    )
+    replicas_placed: int = 0
 
 
 class Condition(_Camel):

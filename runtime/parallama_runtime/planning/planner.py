@@ -106,6 +106,9 @@ class PlanRequest(BaseModel):
     default: a window-sized cache, which lets several times more slots fit."""
     replicas: int = Field(default=1, ge=0)
     """Replicas to place: a GPU shape that hosts them all is preferred to one that hosts fewer."""
+    prefer_product: str | None = None
+    """The product serving now: kept among equals, so that scaling replicas does not move a
+    deployment to another GPU class while its current one still hosts them."""
 
     @model_validator(mode="after")
     def _bounds(self) -> PlanRequest:
@@ -367,7 +370,12 @@ def make_plan(model: ModelInfo, nodes: Sequence[Node], request: PlanRequest | No
             def room(trial: _Trial, gpus: int = gpus) -> int:
                 return min(_capacity(candidates, trial.shape, gpus), request.replicas)
 
-            fitting.sort(key=lambda t: (-room(t), -t.slots, t.shape.gpu_memory_bytes, -len(t.shape.nodes)))
+            def moves(trial: _Trial) -> bool:
+                return request.prefer_product is not None and trial.shape.product != request.prefer_product
+
+            fitting.sort(
+                key=lambda t: (-room(t), moves(t), -t.slots, t.shape.gpu_memory_bytes, -len(t.shape.nodes))
+            )
             best = fitting[0]
             hosts = sorted(
                 name

@@ -1,0 +1,91 @@
+"""Capacity in a shared cluster, against the emulated API server: GPUs other pods hold are not
+free, replicas are placed (or the shortfall said), and inventory churn never takes a serving model
+down. The same scenarios are meant to run against the real control plane in tests/e2e."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from harness import Cluster, gfd_node, running_operator
+from test_operator_kopf import deployment, planned, reasons
+
+DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"
+
+
+def gpu_pod(name: str, node: str, gpus: int) -> dict[str, Any]:
+    """Somebody else's workload, already bound to ``node`` by the scheduler."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "training"}},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {"name": "train", "image": "trainer", "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}
+            ],
+        },
+        "status": {"phase": "Running"},
+    }
+
+
+async def test_gpus_held_by_other_pods_are_not_planned(cluster: Cluster, model: dict[str, str]) -> None:
+    """The only L4 runs somebody's training pod: the model goes to the L20 node instead of being
+    planned onto a GPU the scheduler cannot give it."""
+    await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
+    await cluster.add_node(gfd_node("gpu-l20", "NVIDIA-L20", 8, 46068))
+    await cluster.request("POST", "/api/v1/namespaces/default/pods", gpu_pod("trainer", "gpu-l4", 1))
+    async with running_operator():
+        await asyncio.sleep(0.5)  # the pod watch lists the training pod
+        await cluster.create_md("chat", {"model": model})
+        status = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
+    assert status["plan"]["gpuProduct"] == "NVIDIA-L20"
+    assert status["plan"]["placement"] == {"gpu-l20": 1}
+    assert "gpu-l4" not in status["plan"]["nodes"]
+
+
+async def test_replicas_that_do_not_all_fit_are_reported(cluster: Cluster, model: dict[str, str]) -> None:
+    await cluster.add_node(gfd_node("gpu-a", "NVIDIA-L4", 1, 23034))
+    await cluster.add_node(gfd_node("gpu-b", "NVIDIA-L4", 1, 23034))
+    async with running_operator():
+        await cluster.create_md("chat", {"model": model, "replicas": 3})
+        status = await cluster.wait_for(
+            lambda: planned(cluster, "chat", "PartiallyScheduled"), what="partial"
+        )
+        await cluster.wait_for(lambda: "PartiallyScheduled" in reasons(cluster, "chat"), what="an event")
+    assert status["plan"]["replicasPlaced"] == 2
+    assert status["plan"]["placement"] == {"gpu-a": 1, "gpu-b": 1}
+    assert "only 2 of 3 replicas fit" in status["message"]
+
+
+async def test_a_cordon_never_takes_a_serving_model_down(cluster: Cluster, model: dict[str, str]) -> None:
+    await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
+    async with running_operator():
+        await cluster.create_md("chat", {"model": model})
+        await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
+        # the emulator has no controllers: play the Deployment controller's part
+        await cluster.patch(f"{DEPLOYMENTS}/chat/status", {"status": {"replicas": 1, "readyReplicas": 1}})
+        await cluster.wait_for(lambda: planned(cluster, "chat", "Ready"), what="Ready")
+        before = deployment(cluster, "chat")
+        assert before is not None
+
+        # kubectl cordon, the first step of every drain: nothing else fits, yet the model keeps serving
+        await cluster.patch("/api/v1/nodes/gpu-l4", {"spec": {"unschedulable": True}})
+        status = await cluster.wait_for(lambda: planned(cluster, "chat", "Degraded"), what="Degraded")
+        await cluster.wait_for(lambda: "InventoryChanged" in reasons(cluster, "chat"), what="an event")
+        after = deployment(cluster, "chat")
+        assert after is not None
+        assert after["spec"]["replicas"] == 1
+        assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
+        assert status["plan"]["fits"] and status["plan"]["gpuProduct"] == "NVIDIA-L4"
+        degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
+        assert degraded["status"] == "True" and degraded["reason"] == "InventoryChanged"
+        assert "would not fit" in degraded["message"]
+
+        # a spec change does re-plan: now nothing fits and the pods go
+        await cluster.patch(
+            "/apis/parallama.dev/v1alpha1/namespaces/default/modeldeployments/chat",
+            {"spec": {"numCtx": 8192}},
+        )
+        await cluster.wait_for(lambda: planned(cluster, "chat", "Unschedulable"), what="Unschedulable")
+        await cluster.wait_for(lambda: deployment(cluster, "chat")["spec"]["replicas"] == 0, what="no pods")
