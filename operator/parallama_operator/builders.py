@@ -423,10 +423,14 @@ def build_all(
     plan: PlanStatus,
     *,
     service_monitor_available: bool,
+    pdb_available: bool = True,
     default_image: str = DEFAULT_RUNTIME_IMAGE,
     default_pull_policy: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child a fitting plan needs (an unschedulable plan gets none: see the handlers)."""
+    """Every child a fitting plan needs (an unschedulable plan gets none: see the handlers).
+
+    ``pdb_available`` is False on API servers without ``policy/v1`` (Kubernetes < 1.21): then there
+    is no PodDisruptionBudget rather than one that would be refused on every reconcile."""
     children = [
         build_deployment(
             owner, spec, plan, default_image=default_image, default_pull_policy=default_pull_policy
@@ -435,6 +439,6 @@ def build_all(
     ]
     if spec.monitoring.service_monitor and service_monitor_available:
         children.append(build_service_monitor(owner, spec))
-    if spec.replicas > 1:
+    if spec.replicas > 1 and pdb_available:
         children.append(build_pdb(owner))
     return children

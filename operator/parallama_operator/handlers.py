@@ -330,14 +330,25 @@ def _inventory(index: kopf.Index[str, dict[str, Any]]) -> list[dict[str, Any]]:
 # reconcile
 
 
-async def _service_monitors_available(client: KubeClient) -> bool:
+async def _served(client: KubeClient, group_version: str, plural: str) -> bool:
+    """Whether the API server serves ``plural`` in ``group_version`` (discovery)."""
     try:
-        doc = await client.request("GET", "/apis/monitoring.coreos.com/v1")
+        doc = await client.request("GET", f"/apis/{group_version}")
     except ApiError as error:
         if error.status == 404:
             return False
         raise
-    return any(r.get("name") == "servicemonitors" for r in (doc or {}).get("resources", []))
+    return any(r.get("name") == plural for r in (doc or {}).get("resources", []))
+
+
+async def _service_monitors_available(client: KubeClient) -> bool:
+    return await _served(client, "monitoring.coreos.com/v1", "servicemonitors")
+
+
+NO_PDB_MESSAGE = (
+    "no PodDisruptionBudget: this API server does not serve policy/v1 (Kubernetes before 1.21); "
+    "voluntary disruptions such as a drain may evict all replicas at once"
+)
 
 
 def _covers(existing: Any, desired: Any) -> bool:
@@ -542,11 +553,13 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     owner = Owner(name=name, namespace=namespace, uid=uid)
     if plan.fits:
         monitors = spec.monitoring.service_monitor and await _service_monitors_available(client)
+        pdbs = spec.replicas <= 1 or await _served(client, "policy/v1", "poddisruptionbudgets")
         children = build_all(
             owner,
             spec,
             planned,
             service_monitor_available=monitors,
+            pdb_available=pdbs,
             default_image=STATE.default_image,
             default_pull_policy=STATE.default_pull_policy,
         )
@@ -559,8 +572,10 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         deployment_status = applied[0].get("status") or {}
         ready = int(deployment_status.get("readyReplicas") or 0)
         observed = int(deployment_status.get("replicas") or 0)
-        if spec.replicas <= 1:
+        if spec.replicas <= 1 and await _served(client, "policy/v1", "poddisruptionbudgets"):
             await _delete_if_owned(client, "policy/v1", "PodDisruptionBudget", namespace, name, uid)
+        if not pdbs and changed:
+            await _event(body, "Normal", "NoPodDisruptionBudget", NO_PDB_MESSAGE)
         if not monitors:
             await _delete_if_owned(client, "monitoring.coreos.com/v1", "ServiceMonitor", namespace, name, uid)
     else:

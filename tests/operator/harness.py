@@ -168,6 +168,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             verbs={"get", "list", "watch", "create", "patch", "delete"},
         )
 
+    def forget_policy_v1(self) -> None:
+        """Serve no ``policy/v1``, as a Kubernetes 1.20 API server (no PodDisruptionBudget v1)."""
+        for key in [k for k in self.resources if (k.group, k.version) == ("policy", "v1")]:
+            del self.resources[key]
+
     def _next_version(self) -> str:
         return str(next(self._versions))
 

@@ -89,3 +89,23 @@ async def test_a_cordon_never_takes_a_serving_model_down(cluster: Cluster, model
         )
         await cluster.wait_for(lambda: planned(cluster, "chat", "Unschedulable"), what="Unschedulable")
         await cluster.wait_for(lambda: deployment(cluster, "chat")["spec"]["replicas"] == 0, what="no pods")
+
+
+async def test_no_pdb_loop_where_policy_v1_is_not_served(cluster: Cluster, model: dict[str, str]) -> None:
+    """Kubernetes 1.20 has no policy/v1: two replicas get no PodDisruptionBudget, one event says
+    why, and nothing is refused over and over."""
+    cluster.emulator.forget_policy_v1()
+    await cluster.add_node(gfd_node("gpu-l20", "NVIDIA-L20", 8, 46068))
+    async with running_operator():
+        await cluster.create_md("chat", {"model": model, "replicas": 2})
+        await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
+        await cluster.wait_for(lambda: "NoPodDisruptionBudget" in reasons(cluster, "chat"), what="the event")
+        status = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
+    assert status["phase"] != "Invalid"
+    pdb_writes = [
+        r
+        for r in cluster.emulator.requests_made()
+        if "poddisruptionbudgets" in str(r.url) and r.method != "GET"
+    ]
+    assert pdb_writes == []
+    assert reasons(cluster, "chat").count("NoPodDisruptionBudget") == 1
