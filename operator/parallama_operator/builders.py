@@ -34,7 +34,6 @@ __all__ = [
     "MANAGED_BY_LABEL",
     "MODEL_DEPLOYMENT_LABEL",
     "PLAN_HASH_ANNOTATION",
-    "SLOTS_ANNOTATION",
     "Owner",
     "applied_hash",
     "build_all",
@@ -60,8 +59,6 @@ MODEL_DEPLOYMENT_LABEL = "parallama.dev/model-deployment"
 PLAN_HASH_ANNOTATION = "parallama.dev/plan-hash"
 APPLIED_HASH_ANNOTATION = "parallama.dev/applied-hash"
 """Digest of the desired object the operator last applied to a child (see :func:`applied_hash`)."""
-SLOTS_ANNOTATION = "parallama.dev/slots"
-"""Set by the runtime on its own pod once its slots are allocated; fewer than planned -> Degraded."""
 
 ASSUMED_LOAD_BYTES_PER_SECOND = 200 * 1024 * 1024
 """A pessimistic read speed (network volume, cold page cache) for sizing the startup probe: a 200 GB
@@ -291,6 +288,11 @@ def build_deployment(
     if plan.gpus_per_replica > 0:
         resources["limits"][gpu_resource] = str(plan.gpus_per_replica)
         resources["requests"].pop(gpu_resource, None)
+    if plan.host_memory_bytes > 0:  # 0 when spec.resources sets the memory (see planning.plan_status)
+        # request = limit: an OOM kill then means the estimate was short, never a busy node
+        memory = f"{-(-plan.host_memory_bytes // (1024 * 1024))}Mi"
+        resources["requests"]["memory"] = memory
+        resources["limits"]["memory"] = memory
     resources = {k: v for k, v in resources.items() if v}
 
     node_selector = dict(spec.node_selector or {})

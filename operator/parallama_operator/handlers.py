@@ -11,7 +11,8 @@ Flow:
   reconciles and the periodic resync;
 * ``model_deployment_event`` keeps the set of known ModelDeployments and forgets deleted ones (their
   gauges too);
-* ``pod_event`` turns OOM kills or slot shortfalls into extra reserve and a re-plan;
+* ``pod_event`` turns what runtime pods report (OOMKilled, the runtime's termination reason) into
+  a host or GPU reserve and a re-plan, or phase Invalid (see ``health``);
 * ``deployment_event`` mirrors the Deployment's readiness into status.
 
 Every reconcile of one object holds that object's lock, so the loop, the handlers and pod events
@@ -58,18 +59,21 @@ from .builders import (
     selector_string,
     with_applied_hash,
 )
-from .health import runtime_troubles
+from .health import OOM_KILLED, react, runtime_invalid, runtime_troubles
 from .inventory import trim_node, trim_pod
 from .kube import FIELD_MANAGER, ApiError, KubeClient, resource_path
 from .planning import (
     compute_plan,
+    host_bytes,
     model_from_metadata,
     model_url_refusal,
-    next_extra_reserve,
     parse_url_allowlist,
     phase_for,
     plan_status,
+    reserve_key,
+    reserves_for,
     set_condition,
+    user_sets_memory,
 )
 from .resources import (
     API_VERSION,
@@ -80,7 +84,6 @@ from .resources import (
     Condition,
     ModelDeploymentSpec,
     Phase,
-    PlanStatus,
     name_error,
 )
 
@@ -522,8 +525,14 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         await _mark_invalid(body, "ModelUnreadable", str(error))
         return
 
+    verdict = runtime_invalid(status, meta.get("generation"))
+    if verdict is not None:  # the runtime said no plan can serve this spec: wait for a spec change
+        await _mark_invalid(body, *verdict)
+        return
+
     client = STATE.kube
-    extra = int(status.get("extraReserveBytes") or 0)
+    extra, host_reserve = reserves_for(status, spec)
+    reset = (extra, host_reserve) == (0, 0) and status.get("reserveKey") not in (None, reserve_key(spec))
     serving_plan: Mapping[str, Any] = status.get("plan") or {}
     plan = compute_plan(
         spec,
@@ -537,7 +546,7 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
     if plan.refused:  # llama.cpp would refuse these settings on any node: a spec error, not capacity
         await _mark_invalid(body, "UnsupportedSettings", plan.reason)
         return
-    planned = plan_status(plan, spec)
+    planned = plan_status(plan, spec, host=host_bytes(model, plan), host_reserve=host_reserve)
     metrics.PLANS.labels(str(plan.fits).lower()).inc()
     previous: Mapping[str, Any] = status.get("plan") or {}
     changed = previous.get("hash") != planned.hash
@@ -621,6 +630,10 @@ async def reconcile(body: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]],
         "endpoint": f"http://{name}.{namespace}.svc:{spec.service.port}" if plan.fits else None,
         "conditions": conditions,
     }
+    if reset:  # learned under another spec: this one starts from the plain estimate
+        new_status.update(extraReserveBytes=0, hostReserveBytes=0, reserveKey=None)
+    if status.get("runtimeFailure"):  # of an older generation (see runtime_invalid above)
+        new_status["runtimeFailure"] = None
     await _patch_status(client, namespace, name, new_status, status)
 
     metrics.PLANNED_SLOTS.labels(namespace, name).set(plan.num_parallel if plan.fits else 0)
@@ -828,40 +841,47 @@ async def pod_event(
         if md is None:
             return
         status = md.get("status") or {}
-        plan_dict = status.get("plan")
-        plan = PlanStatus.model_validate(plan_dict) if plan_dict else None
         seen = set(status.get("troubles") or [])
-        fresh = [
-            t for t in runtime_troubles(body, plan.num_parallel if plan else None) if t.signature not in seen
-        ]
+        fresh = [t for t in runtime_troubles(body) if t.signature not in seen]
         if not fresh:
             return
-        reserve = int(status.get("extraReserveBytes") or 0)
-        for _t in fresh:
-            reserve = next_extra_reserve(reserve, plan)
-        ooms = sum(1 for t in fresh if t.reason == "OOMKilled")
-        metrics.OOM_KILLS.inc(ooms)
-        trouble = fresh[0]
-        message = (
-            f"{trouble.message}; keeping {reserve // (1024 * 1024)} MiB more free per GPU in the next plan"
+        try:
+            spec = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+        except ValidationError:
+            return  # reconcile reports the spec; pods of an invalid spec teach nothing
+        reaction = react(
+            fresh,
+            status,
+            generation=(md.get("metadata") or {}).get("generation"),
+            reserve_key=reserve_key(spec),
+            user_sets_memory=user_sets_memory(spec),
         )
-        conditions = set_condition(
+        metrics.OOM_KILLS.inc(sum(1 for t in fresh if t.kind == OOM_KILLED))
+        for trouble in fresh:
+            metrics.RUNTIME_FAILURES.labels(trouble.kind).inc()
+        update = dict(reaction.status)
+        if reaction.quiet:
+            log.info("%s/%s: pods of an older plan failed: %s", namespace, owner, fresh[0].message)
+            await _patch_status(STATE.kube, namespace, owner, update)
+            return
+        if reaction.invalid:
+            # remember the verdict first: _mark_invalid posts the event once per message
+            keep = {k: update[k] for k in ("troubles", "oomKills", "runtimeFailure")}
+            await _patch_status(STATE.kube, namespace, owner, keep)
+            await _mark_invalid(md, reaction.event_reason, reaction.event_message)
+            return
+        update["conditions"] = set_condition(
             status.get("conditions") or [],
-            Condition(type="Degraded", status="True", reason=trouble.reason, message=message),
+            Condition(
+                type="Degraded", status="True", reason=reaction.event_reason, message=reaction.event_message
+            ),
             _now(),
         )
-        update = {
-            "phase": Phase.DEGRADED.value,
-            "extraReserveBytes": reserve,
-            "oomKills": int(status.get("oomKills") or 0) + ooms,
-            "troubles": [*(status.get("troubles") or []), *(t.signature for t in fresh)][-MAX_TROUBLES_KEPT:],
-            "conditions": conditions,
-            "message": message,
-        }
         await _patch_status(STATE.kube, namespace, owner, update)
-        await _event(md, "Warning", trouble.reason, message)
-        md.setdefault("status", {}).update(update)
-        await _reconcile_or_retry(md, _inventory(gpu_nodes), trigger="runtime")
+        await _event(md, "Warning", reaction.event_reason, reaction.event_message)
+        if reaction.replan:
+            md.setdefault("status", {}).update(update)
+            await _reconcile_or_retry(md, _inventory(gpu_nodes), trigger="runtime")
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={MANAGED_BY_LABEL: MANAGED_BY})
@@ -878,7 +898,7 @@ async def deployment_event(type: str, body: kopf.Body, namespace: str | None, **
             return
         status = md.get("status") or {}
         plan = status.get("plan") or {}
-        if not plan.get("fits"):
+        if not plan.get("fits") or runtime_invalid(status, (md.get("metadata") or {}).get("generation")):
             return
         if type == "DELETED":
             gpu_nodes: kopf.Index[str, dict[str, Any]] = kwargs["gpu_nodes"]

@@ -18,6 +18,7 @@ __all__ = [
     "RECONCILES",
     "RECONCILE_SECONDS",
     "REPLANS",
+    "RUNTIME_FAILURES",
     "forget",
 ]
 
@@ -34,6 +35,11 @@ RECONCILE_SECONDS = Histogram(
 PLANS = Counter("parallama_operator_plans_total", "Plans computed, by whether the model fits.", ["fits"])
 REPLANS = Counter("parallama_operator_replans_total", "Plans that changed after the inventory or an OOM.")
 OOM_KILLS = Counter("parallama_operator_oom_kills_total", "Runtime containers seen OOMKilled.")
+RUNTIME_FAILURES = Counter(
+    "parallama_operator_runtime_failures_total",
+    "Runtime containers seen terminated, by reason: OOMKilled or the runtime's own (gpu-oom-load...).",
+    ["reason"],
+)
 PLANNED_SLOTS = Gauge(
     "parallama_operator_planned_slots", "Slots per replica of the current plan.", ["namespace", "name"]
 )

@@ -22,20 +22,35 @@ from .inventory import node_gpus, planner_nodes, requested_gpus
 from .resources import Condition, MemoryStatus, ModelDeploymentSpec, Phase, PlanStatus
 
 __all__ = [
+    "GPU_RUNTIME_HOST_BYTES",
     "MAX_EXTRA_RESERVE_FRACTION",
     "compute_plan",
+    "host_bytes",
     "model_from_metadata",
     "model_url_refusal",
     "next_extra_reserve",
+    "next_host_reserve",
     "parse_url_allowlist",
     "phase_for",
     "plan_hash",
     "plan_request",
     "plan_status",
+    "reserve_key",
+    "reserves_for",
     "set_condition",
+    "user_sets_memory",
 ]
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
+GPU_RUNTIME_HOST_BYTES = 1 * GiB
+"""Host memory of a GPU runtime beyond the embedding table: Python, aiohttp, the CUDA runtime's
+host-side state and llama.cpp's pinned staging buffers (a CPU replica's plan counts its process in
+the plan's overhead)."""
+MIN_HOST_RESERVE_STEP = 512 * MiB
+MIN_HOST_RESERVE_CAP = 4 * GiB
+"""After OOM kills the host reserve grows by a quarter of the estimate (at least 512 MiB) up to
+the estimate itself (at least 4 GiB): beyond a doubling the estimate is wrong, not tight."""
 MIN_OOM_RESERVE_STEP = 256 * MiB
 MAX_EXTRA_RESERVE_FRACTION = 0.5
 """After repeated OOM kills the reserve stops growing at half a GPU: beyond that the model's
@@ -146,7 +161,7 @@ def compute_plan(
     return make_plan(model, nodes, plan_request(spec, extra_reserve_bytes, prefer_product))
 
 
-def plan_hash(plan: Plan, spec: ModelDeploymentSpec) -> str:
+def plan_hash(plan: Plan, spec: ModelDeploymentSpec, memory_limit: int = 0) -> str:
     """Digest of every plan value the pods see; equal hashes mean rolling the pods would change nothing."""
     essence = {
         "fits": plan.fits,
@@ -161,11 +176,47 @@ def plan_hash(plan: Plan, spec: ModelDeploymentSpec) -> str:
     }
     if plan.swa_full:  # only when set, so that existing Deployments keep their hash (and their pods)
         essence["swa_full"] = True
+    if memory_limit:
+        essence["memory"] = memory_limit
     return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def plan_status(plan: Plan, spec: ModelDeploymentSpec) -> PlanStatus:
+def user_sets_memory(spec: ModelDeploymentSpec) -> bool:
+    """Whether ``spec.resources`` sets the container's memory (then the operator sets none)."""
+    resources = spec.resources or {}
+    return any("memory" in (resources.get(key) or {}) for key in ("requests", "limits"))
+
+
+def host_bytes(model: ModelInfo, plan: Plan) -> int:
+    """Host memory one replica needs (MemoryEstimate's host side): a GPU replica keeps the token
+    embeddings in host memory (every layer is offloaded), plus the runtime process; a CPU replica
+    holds the whole plan (weights, KV, compute and the process's overhead) in host memory."""
+    if plan.gpus_per_replica == 0:
+        return plan.memory.total_bytes
+    return model.embedding_bytes + GPU_RUNTIME_HOST_BYTES
+
+
+def reserve_key(spec: ModelDeploymentSpec) -> str:
+    """Digest of what a learned reserve is about: the spec without replicas, Service and monitoring.
+    A reserve learned under another key is dropped (see :func:`reserves_for`)."""
+    essence = spec.model_dump(mode="json", exclude={"replicas", "service", "monitoring"})
+    return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def reserves_for(status: Mapping[str, Any], spec: ModelDeploymentSpec) -> tuple[int, int]:
+    """(GPU reserve, host reserve) that still apply: both reset when the spec they were learned
+    under changed (another model, context, cache type, GPU, memory setting...). Scaling replicas
+    keeps them. They never decay with time: an OOM under load recurs under the same load."""
+    if status.get("reserveKey") not in (None, reserve_key(spec)):
+        return 0, 0
+    return int(status.get("extraReserveBytes") or 0), int(status.get("hostReserveBytes") or 0)
+
+
+def plan_status(plan: Plan, spec: ModelDeploymentSpec, *, host: int = 0, host_reserve: int = 0) -> PlanStatus:
+    """``host``: :func:`host_bytes` of the plan; the runtime container asks for ``host`` plus the
+    learned ``host_reserve`` as its memory request and limit, unless spec.resources sets memory."""
     mem = plan.memory
+    memory_limit = host + host_reserve if host and plan.fits and not user_sets_memory(spec) else 0
     return PlanStatus(
         fits=plan.fits,
         num_parallel=plan.num_parallel,
@@ -187,11 +238,13 @@ def plan_status(plan: Plan, spec: ModelDeploymentSpec) -> PlanStatus:
             usable_bytes=mem.usable_bytes,
             total_bytes=mem.total_bytes,
             capacity_bytes=mem.capacity_bytes,
+            host_bytes=host,
         ),
+        host_memory_bytes=memory_limit,
         shortfall_bytes=plan.shortfall_bytes,
         closest_node=plan.closest_node,
         reason=plan.reason,
-        hash=plan_hash(plan, spec),
+        hash=plan_hash(plan, spec, memory_limit),
         placement=dict(plan.placement),
         replicas_placed=plan.replicas_placed,
     )
@@ -211,6 +264,14 @@ def next_extra_reserve(current: int, plan: PlanStatus | None) -> int:
     step = max(plan.memory.kv_per_slot_bytes // gpus, MIN_OOM_RESERVE_STEP)
     cap = int((plan.gpu_memory_bytes or 0) * MAX_EXTRA_RESERVE_FRACTION) or current + step
     return min(current + step, cap)
+
+
+def next_host_reserve(current: int, plan: PlanStatus | None) -> int:
+    """Host memory to add to the runtime container's request and limit after an OOM kill: a
+    quarter of the estimate per kill (at least 512 MiB), at most the estimate (at least 4 GiB)."""
+    base = plan.memory.host_bytes if plan is not None else 0
+    step = max(base // 4, MIN_HOST_RESERVE_STEP)
+    return min(current + step, max(base, MIN_HOST_RESERVE_CAP))
 
 
 def phase_for(*, fits: bool, desired: int, ready: int, degraded: bool, placed: int | None = None) -> Phase:

@@ -363,6 +363,10 @@ class MemoryStatus(_Camel):
     usable_bytes: int = 0
     total_bytes: int = 0
     capacity_bytes: int = 0
+    host_bytes: int = Field(
+        default=0,
+        description="Host memory one replica needs: embeddings (all of a CPU replica), the runtime process.",
+    )
 
 
 class PlanStatus(_Camel):
@@ -384,6 +388,17 @@ class PlanStatus(_Camel):
         default_factory=dict, description="Replicas per node, as many as the free GPUs allow."
     )
     replicas_placed: int = 0
+    host_memory_bytes: int = Field(
+        default=0,
+        description="Memory request and limit of the runtime container: memory.hostBytes plus "
+        "status.hostReserveBytes; 0 when spec.resources sets the memory.",
+    )
+
+
+class RuntimeFailure(_Camel):
+    reason: str = Field(description="unsupported-model or unreadable-file, as the runtime wrote it.")
+    message: str = ""
+    generation: int | None = Field(default=None, description="The spec generation it was seen for.")
 
 
 class Condition(_Camel):
@@ -405,7 +420,22 @@ class ModelDeploymentStatus(_Camel):
     endpoint: str | None = None
     selector: str | None = Field(default=None, description="Label selector of the pods (scale subresource).")
     extra_reserve_bytes: int = Field(
-        default=0, ge=0, description="Bytes kept free per GPU on top of headroom, raised after an OOM kill."
+        default=0,
+        ge=0,
+        description="Bytes kept free per GPU on top of headroom, raised when the runtime ran out of it.",
+    )
+    host_reserve_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="Host memory added to the runtime container's request, raised after OOMKilled.",
+    )
+    reserve_key: str | None = Field(
+        default=None,
+        description="Digest of the spec the reserves were learned under; another spec resets them.",
+    )
+    runtime_failure: RuntimeFailure | None = Field(
+        default=None,
+        description="A failure no plan can cure, reported by the runtime; cleared by a spec change.",
     )
     oom_kills: int = 0
     troubles: list[str] = Field(

@@ -28,17 +28,19 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
 from .planning.memory import KVCacheType, MemoryConfig
+from .termination import Failure, FailureReason, allocation_failure_line
 
 __all__ = [
     "Engine",
     "EngineConfig",
     "EngineError",
+    "EngineLoadError",
     "EngineObserver",
     "EngineStats",
     "Finish",
@@ -54,6 +56,21 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """The engine cannot take or finish a request (not loaded, shutting down, decode failure)."""
+
+
+class EngineLoadError(EngineError):
+    """llama.cpp could not load the model or create the context; ``failure`` says why, in the
+    termination message's terms (an allocation failure, an unreadable file...)."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.detail)
+        self.failure = failure
+
+
+ALLOC_FAILED = -2
+"""``llama_decode``'s answer for ``GGML_STATUS_ALLOC_FAILED`` (llama-context.cpp): the compute
+buffers could not be allocated. 1 (no KV slot), 2 (aborted), -1 (bad batch) and -3 (compute failed)
+are not allocation failures."""
 
 
 class QueueFullError(EngineError):
@@ -267,6 +284,12 @@ class Engine:
         self._queue_max = 0
         self.loaded = False
         self.failed = False
+        self.fatal: Failure | None = None
+        """Set when the engine ran out of memory while serving: the process should exit."""
+        self.on_fatal: Callable[[Failure], None] | None = None
+        """Called once with that failure, on the scheduler or logging thread (serve writes the
+        termination message and stops the server)."""
+        self._capture: LlamaLogCapture | None = None
         self.reports = ParsedReports()
         self.n_vocab = 0
         self.bos_token_id = -1
@@ -304,7 +327,7 @@ class Engine:
             mparams.tensor_split = ctypes.cast(split, ctypes.POINTER(ctypes.c_float))
         model = lib.llama_model_load_from_file(cfg.model_path.encode(), mparams)
         if not model:
-            raise EngineError(f"llama.cpp could not load {cfg.model_path}")
+            raise EngineLoadError(self._load_failure(capture.since(mark), "model"))
         self._model = model
         mem = cfg.memory_config
         threads = cfg.threads or os.cpu_count() or 1
@@ -327,7 +350,7 @@ class Engine:
         if not ctx:
             lib.llama_model_free(model)
             self._model = None
-            raise EngineError("llama.cpp could not create the context (see its log above)")
+            raise EngineLoadError(self._load_failure(capture.since(mark), "context"))
         self._ctx = ctx
         self.reports = parse_buffer_reports(capture.since(mark))
         self._vocab = lib.llama_model_get_vocab(model)
@@ -346,6 +369,8 @@ class Engine:
         self.kv_cells_per_slot = int(lib.llama_n_ctx_seq(ctx))  # per stream, padded to 256
         self._make_batch()
         self.loaded = True
+        self._capture = capture
+        capture.watch(self._on_log_line)
         log.info(
             "context ready: %d slots x %d tokens, KV %s/%s, flash attention %s, %d threads",
             cfg.num_parallel,
@@ -355,6 +380,44 @@ class Engine:
             "on" if cfg.flash_attention else "off",
             threads,
         )
+
+    def _load_failure(self, lines: list[str], stage: str) -> Failure:
+        """Why llama.cpp refused: an allocation it logged (the plan's memory), an architecture it
+        does not know, or (loading the model) a file it cannot read."""
+        cfg = self.config
+        allocation = allocation_failure_line(lines)
+        errors = [line.strip() for line in lines if "error" in line.lower() or "failed" in line.lower()]
+        detail = errors[-1] if errors else f"llama.cpp could not create the {stage}"
+        if allocation is not None:
+            reason = FailureReason.GPU_OOM_LOAD
+            detail = allocation
+        elif any("unknown model architecture" in line for line in lines):
+            reason = FailureReason.UNSUPPORTED_MODEL
+        elif stage == "model":
+            reason = FailureReason.UNREADABLE_FILE
+            detail = f"llama.cpp could not load {cfg.model_path}: {detail}"
+        else:
+            reason = FailureReason.LOAD_FAILED
+        return Failure(reason, detail, slots=cfg.num_parallel, num_ctx=cfg.num_ctx)
+
+    def _on_log_line(self, line: str) -> None:
+        """While serving, a CUDA out-of-memory is often fatal inside llama.cpp (ggml aborts the
+        process right after logging it), so the failure is reported as soon as it is logged."""
+        if self.loaded and self.fatal is None and allocation_failure_line([line]) is not None:
+            self._report_fatal(line)
+
+    def _report_fatal(self, detail: str) -> None:
+        if self.fatal is not None:
+            return
+        cfg = self.config
+        self.fatal = Failure(FailureReason.GPU_OOM_SERVING, detail, cfg.num_parallel, cfg.num_ctx)
+        log.error("out of memory while serving: %s", detail)
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)
+
+    def _decode(self, ctx: Any, batch: Any) -> int:
+        """One ``llama_decode`` (a seam: tests replace it to inject llama.cpp's failure codes)."""
+        return int(self._lib.llama_decode(ctx, batch))
 
     def _make_batch(self) -> None:
         """One batch, reused every step, backed by our own ctypes arrays (slice-assignable)."""
@@ -507,6 +570,9 @@ class Engine:
         """Stop the scheduler (cancelling what remains) and free llama.cpp's objects."""
         self.stop_admitting()
         self.cancel_all()
+        if self._capture is not None:
+            self._capture.unwatch(self._on_log_line)
+            self._capture = None
         with self._cond:
             self._thread_exit = True
             self._cond.notify()
@@ -640,9 +706,18 @@ class Engine:
             seq_arr[:n] = seq
             logits_arr[:n] = out
             batch.n_tokens = n
-            rc = lib.llama_decode(ctx, batch)
+            rc = self._decode(ctx, batch)
             if rc != 0:
                 log.error("llama_decode failed with %d for a batch of %d tokens", rc, n)
+                tail = self._capture.tail(20) if self._capture is not None else []
+                allocation = allocation_failure_line(tail) if rc < 0 else None
+                if rc == ALLOC_FAILED or allocation is not None or self.fatal is not None:
+                    # out of memory: this context cannot serve its planned slots; exit and say so
+                    self._report_fatal(allocation or f"llama_decode failed ({rc}): could not allocate")
+                    self.failed = True
+                    self._deliver(outbox)
+                    self._fail_everything(f"out of memory while serving (llama_decode {rc})")
+                    return
                 in_batch = {s.index for s in slots if s.logit_index >= 0} | {s.index for s, _ in prefilling}
                 for slot in slots:
                     failed = slot.request

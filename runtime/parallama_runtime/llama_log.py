@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +164,7 @@ class LlamaLogCapture:
         self.lines: list[str] = []
         self._dropped = 0
         self._callback: Any = None
+        self._watchers: list[Callable[[str], None]] = []
 
     @classmethod
     def install(cls) -> LlamaLogCapture:
@@ -181,18 +183,40 @@ class LlamaLogCapture:
         cls._installed = capture
         return capture
 
+    def watch(self, watcher: Callable[[str], None]) -> None:
+        """Call ``watcher`` with every complete line from now on (on the thread that logs it, often
+        inside a llama.cpp call: it must be quick and must not call into llama.cpp)."""
+        with self._lock:
+            self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Callable[[str], None]) -> None:
+        with self._lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def tail(self, count: int) -> list[str]:
+        """The last ``count`` lines."""
+        with self._lock:
+            return list(self.lines[-count:])
+
     def _feed(self, text: str) -> None:
+        complete: list[str] = []
         with self._lock:
             self._pending += text
             while "\n" in self._pending:
                 line, self._pending = self._pending.split("\n", 1)
                 self.lines.append(line)
+                complete.append(line)
+            watchers = list(self._watchers) if complete else []
             if len(self.lines) > _KEEP_HEAD + 2 * _KEEP_TAIL:
                 # a long-lived process: keep the start (model load, context) and the latest lines;
                 # positions stay absolute, so marks taken before a trim keep their meaning
                 cut = len(self.lines) - _KEEP_TAIL
                 self._dropped += cut - _KEEP_HEAD
                 del self.lines[_KEEP_HEAD:cut]
+        for watcher in watchers:
+            for line in complete:
+                watcher(line)
 
     def mark(self) -> int:
         """A position in the log (lines seen so far); :meth:`since` returns the lines after it."""

@@ -29,12 +29,12 @@ from aiohttp import web
 
 from .api import ModelCard, RuntimeAPI
 from .demo_model import DEMO_SHAPE
-from .engine import Engine, EngineConfig
+from .engine import Engine, EngineConfig, EngineLoadError
 from .metrics import RuntimeMetrics
 from .planning.memory import KVCacheType, estimate_memory
-from .planning.model_info import ModelInfo, ModelSourceError, model_info_from_gguf
+from .planning.model_info import ModelInfo, ModelSourceError, UnsupportedModelError, model_info_from_gguf
 from .telemetry import NvmlSampler
-from .termination import format_allocation_failure, write_termination_message
+from .termination import Failure, FailureReason, write_termination_message
 
 __all__ = ["BackgroundServer", "ServeSettings", "SettingsError", "add_arguments", "resolve_settings", "run"]
 
@@ -260,6 +260,14 @@ class Server:
         self.engine: Engine | None = None
         self.plan_reason = ""
         self.stop_event: asyncio.Event | None = None
+        self.failure: Failure | None = None
+        """Why the server stopped on its own (also written to the termination log)."""
+
+    def _fail(self, failure: Failure) -> None:
+        """Say why where Kubernetes keeps a container's last words (the operator reads them)."""
+        if self.failure is None:
+            self.failure = failure
+            write_termination_message(failure.format())
 
     def _model_path(self) -> Path:
         if self.settings.model:
@@ -320,8 +328,13 @@ class Server:
         path = self._model_path()
         try:
             info = model_info_from_gguf(path)
+        except UnsupportedModelError as error:
+            log.error("%s", error)
+            self._fail(Failure(FailureReason.UNSUPPORTED_MODEL, str(error)))
+            return 2
         except ModelSourceError as error:
             log.error("%s", error)
+            self._fail(Failure(FailureReason.UNREADABLE_FILE, str(error)))
             return 2
         slots = self._slots(info)
         # the demo model's file name carries a content hash; clients should not have to know it
@@ -380,10 +393,25 @@ class Server:
             except Exception as error:
                 api.load_error = str(error)
                 log.error("model failed to load: %s", error)
-                write_termination_message(format_allocation_failure(slots, s.num_ctx, str(error)))
+                failure = (
+                    error.failure
+                    if isinstance(error, EngineLoadError)
+                    else Failure(FailureReason.LOAD_FAILED, str(error), slots, s.num_ctx)
+                )
+                self._fail(failure)
                 if ready is not None:
                     ready.set()
                 return 1
+            exit_code = 0
+
+            def fatal(failure: Failure) -> None:  # scheduler or logging thread
+                nonlocal exit_code
+                exit_code = 1
+                self._fail(failure)  # first: ggml may abort the process right after
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self.request_stop)
+
+            engine.on_fatal = fatal
             engine.start()
             card.parameter_size = _parameter_size(engine.n_params)
             self.metrics.set_measured(engine.reports)
@@ -393,7 +421,9 @@ class Server:
                 ready.set()
             await self.stop_event.wait()
             await self._drain(api, engine)
-            return 0
+            if exit_code:
+                log.error("exiting: %s", self.failure.format() if self.failure else "failure")
+            return exit_code
         finally:
             await runner.cleanup()
             await loop.run_in_executor(None, engine.close)
@@ -480,6 +510,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.model and not Path(settings.model).is_file():
         log.error("model file %s does not exist", settings.model)
+        write_termination_message(
+            Failure(FailureReason.UNREADABLE_FILE, f"model file {settings.model} does not exist").format()
+        )
         return 2
     try:
         return asyncio.run(Server(settings).serve())

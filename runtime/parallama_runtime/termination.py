@@ -1,10 +1,22 @@
-"""The runtime's last words, read by the operator: why a pod could not allocate its planned slots.
+"""The runtime's last words, read by the operator: why the runtime stopped, in one parsable line.
 
 Kubernetes copies what a container writes to ``/dev/termination-log`` into the pod's
-``status.containerStatuses[].lastState.terminated.message``. When llama.cpp cannot allocate the
-model or the KV cache of the planned slots (the memory plan was wrong for this node), the runtime
-writes one line in the format below and exits; the operator parses it, marks the ModelDeployment
-Degraded and plans again with more reserve. The runtime needs no Kubernetes credentials for it.
+``status.containerStatuses[].lastState.terminated.message`` (at most 4 KiB). The runtime writes one
+line there before it exits on a failure the operator can act on::
+
+    parallama: reason=gpu-oom-load slots=4 num_ctx=8192: <llama.cpp's words>
+
+``reason`` is one of :class:`FailureReason`:
+
+* ``gpu-oom-load``: llama.cpp could not allocate the model or the planned slots' context (the plan's
+  device memory: the GPUs, or host memory on a CPU-only replica). The operator keeps more free.
+* ``gpu-oom-serving``: an allocation failed while serving (``llama_decode`` answered
+  ``GGML_STATUS_ALLOC_FAILED``, or llama.cpp logged a CUDA out-of-memory before aborting).
+* ``unsupported-model``: the GGUF's architecture has no memory rules (``UnsupportedModelError``).
+* ``unreadable-file``: the file is not a GGUF the runtime or llama.cpp can read (corrupt, truncated).
+* ``load-failed``: anything else at load; the operator reports it and changes nothing.
+
+The runtime needs no Kubernetes credentials for any of it.
 """
 
 from __future__ import annotations
@@ -12,24 +24,95 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
 
-__all__ = ["format_allocation_failure", "parse_allocation_failure", "write_termination_message"]
+__all__ = [
+    "Failure",
+    "FailureReason",
+    "allocation_failure_line",
+    "parse_failure",
+    "write_termination_message",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PATH = "/dev/termination-log"
-_PREFIX = "parallama: could not allocate"
-_PATTERN = re.compile(re.escape(_PREFIX) + r" (\d+) slots? of (\d+) tokens")
+MAX_MESSAGE = 1024
+"""Well below the kubelet's 4 KiB: the first line is what the operator needs."""
+
+_LINE = re.compile(
+    r"^parallama: reason=(?P<reason>[a-z0-9-]+)(?P<fields>(?: [a-z_]+=\d+)*): ?(?P<detail>.*)$"
+)
+
+_ALLOCATION_FAILURE = re.compile(
+    r"out of memory|failed to allocate|unable to allocate|cudaMalloc failed|OutOfDeviceMemory",
+    re.IGNORECASE,
+)
+"""llama.cpp's and ggml's words for an allocation that failed: ``cudaMalloc failed: out of memory``,
+``CUDA error: out of memory`` (ggml aborts right after), ``failed to allocate CUDA0 buffer of size``,
+``unable to allocate CUDA0 buffer``, ``failed to allocate buffer for kv cache``, Vulkan's
+``ErrorOutOfDeviceMemory``."""
 
 
-def format_allocation_failure(slots: int, num_ctx: int, error: str) -> str:
-    return f"{_PREFIX} {slots} slot{'s' if slots != 1 else ''} of {num_ctx} tokens: {error}"
+class FailureReason(StrEnum):
+    GPU_OOM_LOAD = "gpu-oom-load"
+    GPU_OOM_SERVING = "gpu-oom-serving"
+    UNSUPPORTED_MODEL = "unsupported-model"
+    UNREADABLE_FILE = "unreadable-file"
+    LOAD_FAILED = "load-failed"
+
+    @property
+    def out_of_memory(self) -> bool:
+        return self in (FailureReason.GPU_OOM_LOAD, FailureReason.GPU_OOM_SERVING)
 
 
-def parse_allocation_failure(message: str) -> tuple[int, int] | None:
-    """(slots, num_ctx) the runtime failed to allocate, or None if the message is not ours."""
-    match = _PATTERN.search(message or "")
-    return (int(match.group(1)), int(match.group(2))) if match else None
+@dataclass(frozen=True)
+class Failure:
+    reason: FailureReason
+    detail: str
+    slots: int | None = None
+    num_ctx: int | None = None
+
+    def format(self) -> str:
+        fields = "".join(
+            f" {name}={value}" for name, value in (("slots", self.slots), ("num_ctx", self.num_ctx)) if value
+        )
+        head = f"parallama: reason={self.reason.value}{fields}: "
+        detail = " ".join(self.detail.split())  # one line
+        return (head + detail)[:MAX_MESSAGE]
+
+
+def parse_failure(message: str) -> Failure | None:
+    """The failure a runtime wrote, or None if the message is not ours. A reason this operator
+    does not know (a newer runtime) reads as ``load-failed``: reported, nothing changed."""
+    for line in (message or "").splitlines():
+        match = _LINE.match(line.strip())
+        if match is None:
+            continue
+        try:
+            reason = FailureReason(match.group("reason"))
+        except ValueError:
+            reason = FailureReason.LOAD_FAILED
+        fields = dict(part.split("=", 1) for part in match.group("fields").split())
+        slots = fields.get("slots")
+        num_ctx = fields.get("num_ctx")
+        return Failure(
+            reason=reason,
+            detail=match.group("detail"),
+            slots=int(slots) if slots else None,
+            num_ctx=int(num_ctx) if num_ctx else None,
+        )
+    return None
+
+
+def allocation_failure_line(lines: Iterable[str]) -> str | None:
+    """The first log line that says an allocation failed (llama.cpp's or ggml's words), if any."""
+    for line in lines:
+        if _ALLOCATION_FAILURE.search(line):
+            return line.strip()
+    return None
 
 
 def write_termination_message(text: str, path: str | None = None) -> bool:

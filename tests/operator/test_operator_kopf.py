@@ -221,51 +221,162 @@ async def test_deleting_leaves_owned_children_for_the_garbage_collector(
         assert ref["uid"] == uid and ref["blockOwnerDeletion"] is True
 
 
-async def test_oom_kill_degrades_and_replans_with_more_reserve(cluster: Cluster) -> None:
+FITTING = {"model": {"uri": "pvc://models/llama.gguf", "metadata": LLAMA_8B}, "numCtx": 24576}
+"""4 slots, just fitting one L4."""
+PODS = "/api/v1/namespaces/default/pods"
+
+
+def runtime_pod(name: str, plan_hash: str, restarts: int, terminated: dict[str, Any]) -> dict[str, Any]:
+    """A runtime pod as the kubelet reports it after its container ended (restarted or not)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {
+                "app.kubernetes.io/managed-by": "parallama-operator",
+                "parallama.dev/model-deployment": "chat",
+            },
+            "annotations": {"parallama.dev/plan-hash": plan_hash},
+        },
+        "spec": {"containers": [{"name": "runtime", "image": "x"}]},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "runtime",
+                    "restartCount": restarts,
+                    "state": {"running": {}},
+                    "lastState": {"terminated": terminated},
+                }
+            ]
+        },
+    }
+
+
+def memory(dep: dict[str, Any] | None) -> tuple[str, str]:
+    resources = (dep or {})["spec"]["template"]["spec"]["containers"][0]["resources"]
+    return resources["requests"]["memory"], resources["limits"]["memory"]
+
+
+def mib(quantity: str) -> int:
+    assert quantity.endswith("Mi"), quantity
+    return int(quantity[:-2])
+
+
+def gpu_oom(slots: int, reason: str = "gpu-oom-load") -> dict[str, Any]:
+    message = f"parallama: reason={reason} slots={slots} num_ctx=24576: cudaMalloc failed: out of memory"
+    return {"reason": "Error", "exitCode": 1, "message": message}
+
+
+async def test_oom_killed_raises_host_memory_not_the_gpu_reserve(cluster: Cluster) -> None:
     await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
-    spec = {
-        "model": {"uri": "pvc://models/llama.gguf", "metadata": LLAMA_8B},
-        "numCtx": 24576,
-    }  # 4 slots, just fitting
     async with running_operator():
-        await cluster.create_md("chat", spec)
-        before = (await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan"))["plan"]
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": "chat-abc",
-                "namespace": "default",
-                "labels": {
-                    "app.kubernetes.io/managed-by": "parallama-operator",
-                    "parallama.dev/model-deployment": "chat",
-                },
-            },
-            "spec": {"containers": [{"name": "runtime", "image": "x"}]},
-            "status": {
-                "containerStatuses": [
-                    {
-                        "name": "runtime",
-                        "restartCount": 1,
-                        "state": {"running": {}},
-                        "lastState": {"terminated": {"reason": "OOMKilled"}},
-                    }
-                ]
-            },
-        }
-        await cluster.request("POST", "/api/v1/namespaces/default/pods", pod)
+        await cluster.create_md("chat", FITTING)
+        before = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
+        dep = await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
+        request, limit = memory(dep)
+        assert request == limit and mib(limit) * 1024 * 1024 >= before["plan"]["memory"]["hostBytes"]
+        pod = runtime_pod("chat-abc", before["plan"]["hash"], 1, {"reason": "OOMKilled", "exitCode": 137})
+        await cluster.request("POST", PODS, pod)
         after = await cluster.wait_for(
-            lambda: (s := planned(cluster, "chat")) and s.get("extraReserveBytes") and s, what="extra reserve"
+            lambda: (s := planned(cluster, "chat")) and s.get("hostReserveBytes") and s, what="host reserve"
         )
         await cluster.wait_for(lambda: "OOMKilled" in reasons(cluster, "chat"), what="an OOMKilled event")
-        await cluster.wait_for(lambda: "Replanned" in reasons(cluster, "chat"), what="a Replanned event")
+        await cluster.wait_for(
+            lambda: mib(memory(deployment(cluster, "chat"))[1]) > mib(limit), what="a higher memory limit"
+        )
         # the same kill seen again (a pod update, an operator restart) is not counted twice
-        await cluster.patch("/api/v1/namespaces/default/pods/chat-abc", {"metadata": {"labels": {"x": "y"}}})
+        await cluster.patch(f"{PODS}/chat-abc", {"metadata": {"labels": {"x": "y"}}})
         await asyncio.sleep(0.5)
     status = cluster.md("chat")["status"]
-    assert status["oomKills"] == 1 and after["extraReserveBytes"] > 0
-    assert status["plan"]["numParallel"] < before["numParallel"]
-    assert env(deployment(cluster, "chat") or {})["OLLAMA_NUM_PARALLEL"] == str(status["plan"]["numParallel"])
+    assert status["oomKills"] == 1 and not status.get("extraReserveBytes")
+    assert status["plan"]["numParallel"] == before["plan"]["numParallel"]  # the GPUs were never short
+    raised = mib(memory(deployment(cluster, "chat"))[1])
+    assert raised * 1024 * 1024 >= before["plan"]["memory"]["hostBytes"] + after["hostReserveBytes"]
+    assert status["phase"] != "Degraded"  # the new limit answered it
+
+
+async def test_gpu_oom_raises_the_bounded_gpu_reserve_and_a_spec_change_recovers(cluster: Cluster) -> None:
+    await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
+    async with running_operator():
+        await cluster.create_md("chat", FITTING)
+        before = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
+        limit = memory(await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment"))[1]
+        slots = before["plan"]["numParallel"]
+        await cluster.request("POST", PODS, runtime_pod("chat-a", before["plan"]["hash"], 1, gpu_oom(slots)))
+        after = await cluster.wait_for(
+            lambda: (s := planned(cluster, "chat")) and s.get("extraReserveBytes") and s, what="GPU reserve"
+        )
+        await cluster.wait_for(lambda: "GPUOutOfMemory" in reasons(cluster, "chat"), what="the event")
+        await cluster.wait_for(lambda: "Replanned" in reasons(cluster, "chat"), what="a Replanned event")
+        replanned = await cluster.wait_for(
+            lambda: (s := planned(cluster, "chat")) and s["plan"]["numParallel"] < slots and s,
+            what="fewer slots",
+        )
+        assert not replanned.get("hostReserveBytes") and memory(deployment(cluster, "chat"))[1] == limit
+        # a pod of the old plan failing again (it crash-loops until replaced) adds nothing
+        await cluster.request("POST", PODS, runtime_pod("chat-b", before["plan"]["hash"], 2, gpu_oom(slots)))
+        # while serving, a pod of the new plan: the reserve grows again, never beyond its cap
+        cap = int(before["plan"]["gpuMemoryBytes"] * 0.5)
+        for restarts in range(1, 12):
+            current = planned(cluster, "chat") or {}
+            pod = runtime_pod(
+                f"chat-c{restarts}", current["plan"]["hash"], restarts, gpu_oom(1, "gpu-oom-serving")
+            )
+            await cluster.request("POST", PODS, pod)
+            await cluster.wait_for(
+                lambda n=2 + restarts: len(cluster.md("chat")["status"].get("troubles") or []) >= n,
+                what="the failure recorded",
+            )
+        capped = cluster.md("chat")["status"]
+        assert after["extraReserveBytes"] < capped["extraReserveBytes"] == cap, capped
+        # a spec change (another context) starts from the plain estimate again
+        await cluster.patch(f"{MD_PATH}/chat", {"spec": {"numCtx": 16384}})
+        fresh = await cluster.wait_for(
+            lambda: (s := planned(cluster, "chat")) and s["plan"]["numCtx"] == 16384 and s, what="a new plan"
+        )
+    assert not fresh.get("extraReserveBytes") and not fresh.get("reserveKey")
+
+
+async def test_unsupported_model_and_unreadable_file_are_invalid_without_replanning(cluster: Cluster) -> None:
+    await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
+    async with running_operator():
+        await cluster.create_md("chat", FITTING)
+        before = await cluster.wait_for(lambda: planned(cluster, "chat"), what="a plan")
+        dep = await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
+        message = "parallama: reason=unsupported-model: frob.gguf: architecture 'frobnicator' has no rules"
+        terminated = {"reason": "Error", "exitCode": 2, "message": message}
+        await cluster.request("POST", PODS, runtime_pod("chat-a", before["plan"]["hash"], 1, terminated))
+        invalid = await cluster.wait_for(lambda: planned(cluster, "chat", "Invalid"), what="phase Invalid")
+        await cluster.wait_for(lambda: "UnsupportedModel" in reasons(cluster, "chat"), what="the event")
+        # the Deployment's readiness and the resync do not take the verdict back
+        await cluster.patch(
+            "/apis/apps/v1/namespaces/default/deployments/chat/status",
+            {"status": {"replicas": 1, "readyReplicas": 0}},
+        )
+        await asyncio.sleep(0.5)
+        assert cluster.md("chat")["status"]["phase"] == "Invalid"
+        # a new spec gives the runtime another chance
+        await cluster.patch(f"{MD_PATH}/chat", {"spec": {"numCtx": 16384}})
+        await cluster.wait_for(
+            lambda: (s := planned(cluster, "chat")) and s["phase"] != "Invalid" and s, what="a new plan"
+        )
+        unreadable = {
+            "reason": "Error",
+            "exitCode": 2,
+            "message": "parallama: reason=unreadable-file: bad magic",
+        }
+        current = planned(cluster, "chat") or {}
+        await cluster.request("POST", PODS, runtime_pod("chat-b", current["plan"]["hash"], 1, unreadable))
+        await cluster.wait_for(lambda: planned(cluster, "chat", "Invalid"), what="Invalid again")
+        await cluster.wait_for(lambda: "ModelUnreadable" in reasons(cluster, "chat"), what="the event")
+    assert invalid["plan"]["numParallel"] == before["plan"]["numParallel"]
+    status = cluster.md("chat")["status"]
+    assert not status.get("extraReserveBytes") and not status.get("hostReserveBytes")
+    assert status["runtimeFailure"]["reason"] == "unreadable-file"
+    assert (deployment(cluster, "chat") or {})["spec"]["replicas"] == dep["spec"]["replicas"]
+    assert reasons(cluster, "chat").count("UnsupportedModel") == 1
 
 
 async def test_deployment_readiness_is_mirrored(cluster: Cluster, model: dict[str, str]) -> None:

@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from harness import gfd_node
-from parallama_operator.health import runtime_troubles
+from parallama_operator.health import react, runtime_invalid, runtime_troubles
 from parallama_operator.planning import (
     MAX_EXTRA_RESERVE_FRACTION,
     compute_plan,
+    host_bytes,
     model_from_metadata,
     next_extra_reserve,
+    next_host_reserve,
     phase_for,
     plan_request,
     plan_status,
+    reserve_key,
+    reserves_for,
     set_condition,
 )
 from parallama_operator.resources import Condition, ModelDeploymentSpec, Phase
 from parallama_runtime.planning.presets import PRESETS
-from parallama_runtime.termination import format_allocation_failure
+from parallama_runtime.termination import Failure, FailureReason
 
 METADATA = {k: v for k, v in PRESETS["llama-3.1-8b"].items() if k != "name"}
 NODES = [gfd_node("l4", "NVIDIA-L4", 1, 23034), gfd_node("l20", "NVIDIA-L20", 8, 46068)]
@@ -144,47 +148,127 @@ def test_condition_transition_time_moves_only_on_flips() -> None:
     assert [c["type"] for c in other] == ["Available", "Degraded"]
 
 
-def _pod(**status: Any) -> dict[str, Any]:
+def _pod(plan_hash: str = "h1", **status: Any) -> dict[str, Any]:
     return {
-        "metadata": {"name": "p", "uid": "u1", "annotations": status.pop("annotations", {})},
+        "metadata": {"name": "p", "uid": "u1", "annotations": {"parallama.dev/plan-hash": plan_hash}},
         "status": {"containerStatuses": [{"name": "runtime", **status}]},
     }
+
+
+def _terminated(message: str, reason: str = "Error") -> dict[str, Any]:
+    return {"terminated": {"reason": reason, "exitCode": 1, "message": message}}
 
 
 def test_oom_kill_is_one_trouble_before_and_after_the_restart() -> None:
     killed = _pod(restartCount=0, state={"terminated": {"reason": "OOMKilled"}})
     restarted = _pod(restartCount=1, state={"running": {}}, lastState={"terminated": {"reason": "OOMKilled"}})
-    (a,) = runtime_troubles(killed, 4)
-    (b,) = runtime_troubles(restarted, 4)
-    assert a.reason == "OOMKilled" and a.signature == b.signature
+    (a,) = runtime_troubles(killed)
+    (b,) = runtime_troubles(restarted)
+    assert a.kind == "OOMKilled" and a.signature == b.signature
     again = _pod(
         restartCount=2,
         state={"terminated": {"reason": "OOMKilled"}},
         lastState={"terminated": {"reason": "OOMKilled"}},
     )
-    assert len(runtime_troubles(again, 4)) == 2
+    assert len(runtime_troubles(again)) == 2
+    assert runtime_troubles(_pod(restartCount=0, state=_terminated("segfault"))) == []
 
 
-def test_fewer_slots_than_planned() -> None:
-    assert runtime_troubles(_pod(restartCount=0, annotations={"parallama.dev/slots": "4"}), 4) == []
-    (trouble,) = runtime_troubles(_pod(restartCount=0, annotations={"parallama.dev/slots": "2"}), 4)
-    assert trouble.reason == "SlotsBelowPlan"
-    assert runtime_troubles(_pod(restartCount=0, state={"terminated": {"reason": "Error"}}), 4) == []
+def test_each_termination_reason_is_a_trouble_once() -> None:
+    for reason in FailureReason:
+        message = Failure(reason, "llama.cpp said so", slots=4, num_ctx=8192).format()
+        crashed = _pod(restartCount=0, state=_terminated(message))
+        restarted = _pod(restartCount=1, state={"waiting": {}}, lastState=_terminated(message))
+        (a,) = runtime_troubles(crashed)
+        (b,) = runtime_troubles(restarted)
+        assert a.kind == reason.value and a.signature == b.signature and a.plan_hash == "h1"
+        assert a.failure is not None and (a.failure.slots, a.failure.num_ctx) == (4, 8192)
 
 
-def test_runtime_that_could_not_allocate_its_slots_is_a_trouble_once() -> None:
-    message = format_allocation_failure(4, 8192, "failed to allocate CUDA0 buffer of size 4294967296")
-    crashed = _pod(
-        restartCount=0, state={"terminated": {"reason": "Error", "exitCode": 1, "message": message}}
+def _status(spec: ModelDeploymentSpec, **fields: Any) -> dict[str, Any]:
+    model = model_from_metadata(spec) or _fail()
+    plan = compute_plan(spec, model, NODES)
+    planned = plan_status(plan, spec, host=host_bytes(model, plan))
+    return {"plan": planned.model_dump(by_alias=True), **fields}
+
+
+def _react(status: dict[str, Any], message: str, *, kill: bool = False, plan_hash: str | None = None) -> Any:
+    spec = spec_of()
+    state = {"terminated": {"reason": "OOMKilled"}} if kill else _terminated(message)
+    pod = _pod(plan_hash or status["plan"]["hash"], restartCount=0, state=state)
+    return react(
+        runtime_troubles(pod), status, generation=3, reserve_key=reserve_key(spec), user_sets_memory=False
     )
-    restarted = _pod(
-        restartCount=1,
-        state={"waiting": {}},
-        lastState={"terminated": {"reason": "Error", "message": message}},
+
+
+def test_gpu_out_of_memory_raises_only_the_gpu_reserve() -> None:
+    status = _status(spec_of())
+    for reason in (FailureReason.GPU_OOM_LOAD, FailureReason.GPU_OOM_SERVING):
+        reaction = _react(status, Failure(reason, "cudaMalloc failed: out of memory", 4, 8192).format())
+        assert reaction.replan and reaction.event_reason == "GPUOutOfMemory"
+        assert reaction.status["extraReserveBytes"] > 0 and reaction.status["hostReserveBytes"] == 0
+        assert reaction.status["phase"] == "Degraded"
+    # a pod of an older plan teaches nothing about the current one
+    stale = _react(status, Failure(FailureReason.GPU_OOM_LOAD, "x").format(), plan_hash="old")
+    assert stale.quiet and "extraReserveBytes" not in stale.status and stale.status["troubles"]
+
+
+def test_oom_killed_raises_only_the_host_reserve() -> None:
+    status = _status(spec_of())
+    reaction = _react(status, "", kill=True)
+    assert reaction.replan and reaction.event_reason == "OOMKilled"
+    assert reaction.status["hostReserveBytes"] >= 512 * 1024 * 1024
+    assert reaction.status["extraReserveBytes"] == 0 and reaction.status["oomKills"] == 1
+    mine = react(
+        runtime_troubles(
+            _pod(status["plan"]["hash"], restartCount=0, state={"terminated": {"reason": "OOMKilled"}})
+        ),
+        status,
+        generation=3,
+        reserve_key="k",
+        user_sets_memory=True,
     )
-    (a,) = runtime_troubles(crashed, 4)
-    (b,) = runtime_troubles(restarted, 4)
-    assert a.reason == "SlotsBelowPlan" and a.signature == b.signature
-    assert "4 slots of 8192 tokens" in a.message and "CUDA0" in a.message
-    other = _pod(restartCount=0, state={"terminated": {"reason": "Error", "message": "segfault"}})
-    assert runtime_troubles(other, 4) == []
+    assert not mine.replan and "spec.resources" in mine.event_message
+
+
+def test_host_reserve_is_bounded_and_reaches_the_memory_limit() -> None:
+    spec = spec_of()
+    model = model_from_metadata(spec) or _fail()
+    plan = compute_plan(spec, model, NODES)
+    base = plan_status(plan, spec, host=host_bytes(model, plan))
+    assert base.memory.host_bytes > model.embedding_bytes and base.host_memory_bytes == base.memory.host_bytes
+    reserve = 0
+    for _ in range(100):
+        reserve = next_host_reserve(reserve, base)
+    assert reserve == max(base.memory.host_bytes, 4 * 1024**3)
+    raised = plan_status(plan, spec, host=host_bytes(model, plan), host_reserve=reserve)
+    assert raised.host_memory_bytes == base.host_memory_bytes + reserve and raised.hash != base.hash
+    own = spec_of(resources={"limits": {"memory": "8Gi"}})
+    assert plan_status(plan, own, host=host_bytes(model, plan)).host_memory_bytes == 0
+
+
+def test_unsupported_model_and_unreadable_file_are_invalid_without_reserve() -> None:
+    status = _status(spec_of())
+    for reason, verdict in (
+        (FailureReason.UNSUPPORTED_MODEL, "UnsupportedModel"),
+        (FailureReason.UNREADABLE_FILE, "ModelUnreadable"),
+    ):
+        reaction = _react(status, Failure(reason, "no rules for frobnicator").format())
+        assert reaction.invalid and not reaction.replan and reaction.event_reason == verdict
+        assert "extraReserveBytes" not in reaction.status and "hostReserveBytes" not in reaction.status
+        assert runtime_invalid({**status, **reaction.status}, 3) == (verdict, reaction.event_message)
+        assert runtime_invalid({**status, **reaction.status}, 4) is None  # a spec change clears it
+
+
+def test_load_failure_is_reported_and_changes_nothing() -> None:
+    reaction = _react(_status(spec_of()), Failure(FailureReason.LOAD_FAILED, "mystery").format())
+    assert not reaction.replan and not reaction.invalid and reaction.event_reason == "RuntimeFailed"
+    assert "extraReserveBytes" not in reaction.status
+
+
+def test_reserves_reset_when_the_spec_they_were_learned_for_changes() -> None:
+    spec = spec_of()
+    status = {"extraReserveBytes": 5, "hostReserveBytes": 7, "reserveKey": reserve_key(spec)}
+    assert reserves_for(status, spec) == (5, 7)
+    assert reserves_for(status, spec_of(replicas=3)) == (5, 7)  # scaling keeps what was learned
+    assert reserves_for(status, spec_of(numCtx=8192)) == (0, 0)

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from parallama_runtime.termination import parse_allocation_failure
+from parallama_runtime.termination import FailureReason, parse_failure
 
 pytestmark = pytest.mark.llama
 
@@ -110,4 +110,6 @@ def test_slots_that_cannot_be_allocated_leave_a_termination_message(model_path: 
         timeout=120,
     )
     assert done.returncode == 1, done.stderr.decode()[-2000:]
-    assert parse_allocation_failure(termination_log.read_text()) == (2, 100_000_000)
+    failure = parse_failure(termination_log.read_text())
+    assert failure is not None and failure.reason == FailureReason.GPU_OOM_LOAD, termination_log.read_text()
+    assert (failure.slots, failure.num_ctx) == (2, 100_000_000)
