@@ -150,29 +150,38 @@ def startup_failure_threshold(weights_bytes: int) -> int:
     return max(6, math.ceil(seconds / STARTUP_PERIOD_SECONDS))
 
 
+def model_volume_name(spec: ModelDeploymentSpec) -> str:
+    """The model volume's name says its source: server-side apply merges list items by name, and on
+    Kubernetes 1.20 it keeps a dropped source next to the new one (emptyDir and persistentVolumeClaim
+    in one volume: 422). A new name for a new source makes the old item disappear whole."""
+    uri = urlparse(spec.model.uri)
+    if uri.scheme == "pvc":
+        return "model-claim"
+    return "model-store" if spec.storage.volume == VolumeKind.PVC else "model-cache"
+
+
 def _volumes(spec: ModelDeploymentSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(volumes, mounts of the runtime container)."""
+    name = model_volume_name(spec)
     volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     uri = urlparse(spec.model.uri)
     if uri.scheme == "pvc":
         sub = posixpath.dirname(uri.path.lstrip("/"))
-        volumes.append(
-            {"name": "model", "persistentVolumeClaim": {"claimName": uri.netloc, "readOnly": True}}
-        )
-        mount: dict[str, Any] = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": uri.netloc, "readOnly": True}})
+        mount: dict[str, Any] = {"name": name, "mountPath": MODEL_MOUNT, "readOnly": True}
         if sub:
             mount["subPath"] = sub
         mounts.append(mount)
     elif uri.scheme in ("http", "https"):
         if spec.storage.volume == VolumeKind.PVC:
-            volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.storage.claim_name}})
+            volumes.append({"name": name, "persistentVolumeClaim": {"claimName": spec.storage.claim_name}})
         else:
             empty: dict[str, Any] = {}
             if spec.storage.size_limit:
                 empty["sizeLimit"] = spec.storage.size_limit
-            volumes.append({"name": "model", "emptyDir": empty})
-        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+            volumes.append({"name": name, "emptyDir": empty})
+        mounts.append({"name": name, "mountPath": MODEL_MOUNT, "readOnly": True})
     if spec.engine == Engine.OLLAMA:
         volumes.append({"name": "data", "emptyDir": {}})
         mounts.append({"name": "data", "mountPath": "/data"})
@@ -228,7 +237,7 @@ def _download_container(spec: ModelDeploymentSpec) -> dict[str, Any]:
         "image": spec.storage.download_image,
         "command": ["sh", "-c", DOWNLOAD_SCRIPT],
         "env": env,
-        "volumeMounts": [{"name": "model", "mountPath": MODEL_MOUNT}],
+        "volumeMounts": [{"name": model_volume_name(spec), "mountPath": MODEL_MOUNT}],
         "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         "securityContext": _container_security(),
     }

@@ -908,7 +908,14 @@ async def deployment_event(type: str, body: kopf.Body, namespace: str | None, **
         observed = int((body.get("status") or {}).get("replicas") or 0)
         ready = int((body.get("status") or {}).get("readyReplicas") or 0)
         degraded = _condition_true(status, "Degraded")
-        phase = phase_for(fits=True, desired=desired, ready=ready, degraded=degraded)
+        placed = (status.get("plan") or {}).get("replicasPlaced")
+        phase = phase_for(
+            fits=True,
+            desired=desired,
+            ready=ready,
+            degraded=degraded,
+            placed=None if placed is None else int(placed),
+        )
         unchanged = status.get("readyReplicas") == ready and status.get("replicas") == observed
         if unchanged and status.get("phase") == phase.value:
             return

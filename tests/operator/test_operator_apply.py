@@ -100,7 +100,7 @@ async def test_apply_removes_dropped_fields_and_uses_the_parallama_field_manager
             lambda: "initContainers" not in pod_spec(cluster, "chat"), what="the init container to go"
         )
     pod = pod_spec(cluster, "chat")
-    (volume,) = [v for v in pod["volumes"] if v["name"] == "model"]
+    (volume,) = [v for v in pod["volumes"] if v["name"].startswith("model-")]
     assert volume["persistentVolumeClaim"]["claimName"] == "models"
     assert "emptyDir" not in volume
     dep = cluster.get(DEPLOYMENTS, "chat")

@@ -172,8 +172,8 @@ def test_download_init_container_verifies_sha256() -> None:
     assert (
         '"$MODEL_PATH.part.$POD_NAME"' in DOWNLOAD_SCRIPT and 'mv -f "$part" "$MODEL_PATH"' in DOWNLOAD_SCRIPT
     )
-    volume = next(v for v in pod["volumes"] if v["name"] == "model")
-    assert volume == {"name": "model", "emptyDir": {"sizeLimit": "10Gi"}}
+    volume = next(v for v in pod["volumes"] if v["name"].startswith("model-"))
+    assert volume == {"name": "model-cache", "emptyDir": {"sizeLimit": "10Gi"}}
 
 
 def test_download_script_holds_no_user_string() -> None:
@@ -245,9 +245,9 @@ def test_pvc_model_is_mounted_read_only_with_sub_path() -> None:
     )
     pod = build_deployment(OWNER, spec, plan_for(spec, [L4]))["spec"]["template"]["spec"]
     assert "initContainers" not in pod
-    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    volume = next(v for v in pod["volumes"] if v["name"].startswith("model-"))
     assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
-    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "model")
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"].startswith("model-"))
     assert mount["subPath"] == "deepseek/r1" and mount["readOnly"] is True
     assert model_path(spec) == "/models/model.gguf"
 
