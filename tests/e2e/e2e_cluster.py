@@ -238,6 +238,7 @@ async def kubelet_reports(
     *,
     ready: bool = True,
     oom_killed: bool = False,
+    terminated_message: str | None = None,
 ) -> dict[str, Any]:
     """Write a pod's status as its kubelet would: Running (and Ready), or its container terminated by
     the OOM killer and waiting in CrashLoopBackOff."""
@@ -253,6 +254,17 @@ async def kubelet_reports(
             last = {
                 "terminated": {"exitCode": 137, "reason": "OOMKilled", "startedAt": now, "finishedAt": now}
             }
+        elif terminated_message is not None:  # the runtime exited and wrote /dev/termination-log
+            state = {"waiting": {"reason": "CrashLoopBackOff"}}
+            last = {
+                "terminated": {
+                    "exitCode": 2,
+                    "reason": "Error",
+                    "message": terminated_message,
+                    "startedAt": now,
+                    "finishedAt": now,
+                }
+            }
         else:
             state = {"running": {"startedAt": now}}
         containers.append(
@@ -260,14 +272,14 @@ async def kubelet_reports(
                 "name": container["name"],
                 "image": container.get("image", ""),
                 "imageID": "",
-                "ready": ready and not oom_killed,
-                "restartCount": 1 if oom_killed else 0,
-                "started": not oom_killed,
+                "ready": ready and not oom_killed and terminated_message is None,
+                "restartCount": 1 if oom_killed or terminated_message is not None else 0,
+                "started": not oom_killed and terminated_message is None,
                 "state": state,
                 "lastState": last,
             }
         )
-    ok = "True" if ready and not oom_killed else "False"
+    ok = "True" if ready and not oom_killed and terminated_message is None else "False"
     status = {
         "phase": "Running",
         "startTime": now,

@@ -245,3 +245,147 @@ async def test_deletion_collects_children_and_the_namespace_goes(
         return await kube.get(f"/api/v1/namespaces/{namespace}") is None
 
     await wait_for(gone, within=120, what="the namespace gone")
+
+
+async def _deployed_pod(kube: Any, namespace: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    await kube.create(MDS.format(ns=namespace), md(name, spec))
+    pods = await wait_for(lambda: bound_pods(kube, namespace), within=120, what=f"a pod of {name} bound")
+    return pods[0]
+
+
+@pytest.mark.parametrize(
+    ("message", "field", "phase"),
+    [
+        ("parallama: reason=gpu-oom-load slots=4 num_ctx=4096: cudaMalloc failed", "extraReserveBytes", None),
+        (
+            "parallama: reason=unsupported-model: architecture 'frobnicator' cannot be planned",
+            None,
+            "Invalid",
+        ),
+        ("parallama: reason=unreadable-file: /models/a.gguf is not a GGUF file", None, "Invalid"),
+    ],
+    ids=["gpu-oom-load", "unsupported-model", "unreadable-file"],
+)
+async def test_each_termination_reason_gets_its_reaction(
+    kube: Any,
+    namespace: str,
+    e2e_cluster: E2ECluster,
+    run_operator: Any,
+    gpu_nodes: Any,
+    model_claims: Any,
+    message: str,
+    field: str | None,
+    phase: str | None,
+) -> None:
+    """The runtime's termination message, as the kubelet keeps it in lastState.terminated: only a GPU
+    out-of-memory raises the GPU reserve; a model the runtime cannot serve is Invalid, no reserve."""
+    owned(e2e_cluster)
+    await gpu_nodes(gpus=2, product="NVIDIA-L4", memory_mib=23034)
+    await model_claims(namespace, "m")
+    async with run_operator():
+        pod = await _deployed_pod(
+            kube, namespace, "dies", {"model": {"uri": "pvc://m/a.gguf", "metadata": SMALL}}
+        )
+        await kubelet_reports(
+            kube, namespace, pod["metadata"]["name"], ready=False, terminated_message=message
+        )
+
+        async def reacted() -> Any:
+            status = await status_of(kube, namespace, "dies")
+            if not status:
+                return None
+            if field is not None:
+                return status if (status.get(field) or 0) > 0 else None
+            return status if status.get("phase") == phase else None
+
+        status = await wait_for(reacted, what=f"the reaction to {message.split(':')[1]}")
+    if phase == "Invalid":
+        assert not status.get("extraReserveBytes") and not status.get("hostReserveBytes")
+
+
+async def test_time_slicing_and_mig_label_sets(
+    kube: Any, namespace: str, e2e_cluster: E2ECluster, run_operator: Any, gpu_nodes: Any, model_claims: Any
+) -> None:
+    """GFD's label sets: a time-sliced L4 (4 shares) offers a quarter of its memory per share and never
+    two shares to one replica; a MIG 3g.40gb device (mixed strategy) is its own resource, requested by
+    the pods and bound by the scheduler."""
+    owned(e2e_cluster)
+    await model_claims(namespace, "m")
+    await gpu_nodes(
+        gpus=4,
+        product="NVIDIA-L4-SHARED",
+        memory_mib=23034,
+        labels={"nvidia.com/gpu.replicas": "4", "nvidia.com/gpu.sharing-strategy": "time-slicing"},
+    )
+    mig = await gpu_nodes(
+        gpus=1,
+        product="NVIDIA-A100-SXM4-80GB",
+        memory_mib=81920,
+        labels={
+            "nvidia.com/mig.strategy": "mixed",
+            "nvidia.com/mig-3g.40gb.count": "2",
+            "nvidia.com/mig-3g.40gb.memory": "40192",
+        },
+    )
+    mig_name = mig["metadata"]["name"]
+    allocatable = {**mig["status"]["allocatable"], "nvidia.com/mig-3g.40gb": "2"}
+    await kube.merge_patch(
+        f"/api/v1/nodes/{mig_name}/status", {"status": {"allocatable": allocatable, "capacity": allocatable}}
+    )
+    eight_gb = {**SMALL, "sizeBytes": 8 * 10**9}  # more than a quarter of an L4, less than a 3g.40gb
+    path = MDS.format(ns=namespace)
+    async with run_operator():
+        shared = {
+            "model": {"uri": "pvc://m/a.gguf", "metadata": eight_gb},
+            "gpu": {"product": "NVIDIA-L4-SHARED"},
+        }
+        await kube.create(path, md("shared", shared))
+        refused = await wait_for(
+            lambda: status_of(kube, namespace, "shared", phase="Unschedulable"), what="refused"
+        )
+        assert refused["plan"]["fits"] is False
+
+        sliced = {
+            "model": {"uri": "pvc://m/a.gguf", "metadata": eight_gb},
+            "gpu": {"resourceName": "nvidia.com/mig-3g.40gb"},
+        }
+        await kube.create(path, md("sliced", sliced))
+        status = await wait_for(lambda: status_of(kube, namespace, "sliced"), what="a MIG plan")
+        assert status["plan"]["fits"] and status["plan"]["placement"] == {mig_name: 1}
+
+        async def mig_pod() -> Any:
+            pods = await bound_pods(kube, namespace, "app.kubernetes.io/instance=sliced")
+            return pods[0] if pods else None
+
+        pod = await wait_for(mig_pod, within=120, what="the pod bound to the MIG node")
+    assert pod["spec"]["nodeName"] == mig_name
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == "1"
+
+
+async def test_restart_makes_no_duplicate_and_settles(
+    kube: Any, namespace: str, e2e_cluster: E2ECluster, run_operator: Any, gpu_nodes: Any
+) -> None:
+    """A restarted operator adopts what it made: one Deployment, at most one (no-op) apply per child
+    while it learns what the server stored, then silence."""
+    owned(e2e_cluster)
+    await gpu_nodes(gpus=1, product="NVIDIA-L4", memory_mib=23034)
+    path = MDS.format(ns=namespace)
+    async with run_operator():
+        await kube.create(path, md("again", {"model": {"uri": "pvc://m/a.gguf", "metadata": SMALL}}))
+        await wait_for(lambda: kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/again"))
+        await asyncio.sleep(3)
+    restart_from = e2e_cluster.audit_offset()
+    async with run_operator():
+        await asyncio.sleep(8)  # resume handlers, the first reconcile of every object
+        settled_from = e2e_cluster.audit_offset()
+        await asyncio.sleep(8)
+    mine = f"/namespaces/{namespace}/"
+    after_restart = [
+        w for w in _writes(e2e_cluster.audit_events(OPERATOR_USER, since=restart_from)) if mine in w
+    ]
+    later = [w for w in _writes(e2e_cluster.audit_events(OPERATOR_USER, since=settled_from)) if mine in w]
+    deployments = await kube.get(f"/apis/apps/v1/namespaces/{namespace}/deployments") or {}
+    assert len(deployments.get("items", [])) == 1
+    assert not [w for w in after_restart if w.startswith("create ")], after_restart
+    assert len([w for w in after_restart if "/deployments/" in w]) <= 1, after_restart
+    assert not later, f"the restarted operator kept writing: {later}"
