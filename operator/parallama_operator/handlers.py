@@ -59,7 +59,7 @@ from .builders import (
     selector_string,
     with_applied_hash,
 )
-from .health import OOM_KILLED, react, runtime_invalid, runtime_troubles
+from .health import OOM_KILLED, react, runtime_invalid, runtime_troubles, unschedulable_reason
 from .inventory import trim_node, trim_pod
 from .kube import FIELD_MANAGER, ApiError, KubeClient, resource_path
 from .planning import (
@@ -129,6 +129,8 @@ class OperatorState:
     url_allow: tuple[str, ...] = ()
     inventory_version: int = 0
     nodes_seen: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unschedulable_reported: set[str] = field(default_factory=set)
+    """Pod UIDs whose Unschedulable condition was reported (one event per pod)."""
     gpu_pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     """Every pod of the cluster that holds an NVIDIA resource, trimmed (inventory.trim_pod): GPUs
     they hold are not free for a plan. A pod change does not re-plan by itself."""
@@ -823,6 +825,29 @@ async def model_deployment_event(type: str, name: str, namespace: str | None, **
 # runtime feedback
 
 
+async def _report_unschedulable(md: Mapping[str, Any], pod: Mapping[str, Any]) -> None:
+    """A replica the scheduler cannot place shows in the status (Progressing False) and as one event
+    per pod, with the scheduler's own words (``Insufficient nvidia.com/gpu``, an untolerated taint)."""
+    why = unschedulable_reason(pod)
+    uid = str((pod.get("metadata") or {}).get("uid") or "")
+    if why is None or uid in STATE.unschedulable_reported:
+        return
+    STATE.unschedulable_reported.add(uid)
+    name = (pod.get("metadata") or {}).get("name", "")
+    message = f"pod {name} is Pending: {why}"
+    meta = md["metadata"]
+    status: Mapping[str, Any] = md.get("status") or {}
+    conditions = set_condition(
+        status.get("conditions") or [],
+        Condition(type="Progressing", status="False", reason="PodUnschedulable", message=message),
+        _now(),
+    )
+    await _patch_status(
+        STATE.kube, meta["namespace"], meta["name"], {**status, "conditions": conditions}, status
+    )
+    await _event(md, "Warning", "PodUnschedulable", message)
+
+
 @kopf.on.event("", "v1", "pods", labels={MANAGED_BY_LABEL: MANAGED_BY})
 async def pod_event(
     type: str,
@@ -841,6 +866,7 @@ async def pod_event(
         if md is None:
             return
         status = md.get("status") or {}
+        await _report_unschedulable(md, body)
         seen = set(status.get("troubles") or [])
         fresh = [t for t in runtime_troubles(body) if t.signature not in seen]
         if not fresh:

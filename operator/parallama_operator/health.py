@@ -198,3 +198,19 @@ def runtime_invalid(status: Mapping[str, Any], generation: int | None) -> tuple[
     except (ValueError, KeyError):
         return None
     return reason, str(failure.get("message") or reason)
+
+
+def unschedulable_reason(pod: Mapping[str, Any]) -> str | None:
+    """The scheduler's word on a Pending pod it could not place (``PodScheduled`` False, reason
+    ``Unschedulable``), e.g. ``0/3 nodes are available: 3 Insufficient nvidia.com/gpu.``; else None."""
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending"):
+        return None
+    for condition in status.get("conditions") or []:
+        if (
+            condition.get("type") == "PodScheduled"
+            and condition.get("status") == "False"
+            and condition.get("reason") == "Unschedulable"
+        ):
+            return str(condition.get("message") or "the scheduler found no node")
+    return None

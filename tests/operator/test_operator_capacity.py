@@ -109,3 +109,40 @@ async def test_no_pdb_loop_where_policy_v1_is_not_served(cluster: Cluster, model
     ]
     assert pdb_writes == []
     assert reasons(cluster, "chat").count("NoPodDisruptionBudget") == 1
+
+
+async def test_a_pending_pod_the_scheduler_cannot_place_is_reported(
+    cluster: Cluster, model: dict[str, str]
+) -> None:
+    await cluster.add_node(gfd_node("gpu-l4", "NVIDIA-L4", 1, 23034))
+    async with running_operator():
+        await cluster.create_md("chat", {"model": model})
+        dep = await cluster.wait_for(lambda: deployment(cluster, "chat"), what="the Deployment")
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "chat-abc", "namespace": "default", "labels": labels},
+            "spec": {"containers": [{"name": "runtime", "image": "x"}]},
+        }
+        await cluster.request("POST", "/api/v1/namespaces/default/pods", pod)
+        why = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+        status = {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": why}
+            ],
+        }
+        await cluster.patch("/api/v1/namespaces/default/pods/chat-abc/status", {"status": status})
+        await cluster.wait_for(lambda: "PodUnschedulable" in reasons(cluster, "chat"), what="the event")
+
+        def progressing() -> dict[str, Any] | None:
+            conditions = (cluster.md("chat").get("status") or {}).get("conditions") or []
+            found = [
+                c for c in conditions if c["type"] == "Progressing" and c["reason"] == "PodUnschedulable"
+            ]
+            return found[0] if found else None
+
+        condition = await cluster.wait_for(progressing, what="Progressing PodUnschedulable")
+    assert "Insufficient nvidia.com/gpu" in condition["message"]
+    assert reasons(cluster, "chat").count("PodUnschedulable") == 1
