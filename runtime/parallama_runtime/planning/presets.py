@@ -10,6 +10,32 @@ from typing import Any
 
 __all__ = ["PRESETS"]
 
+_DEEPSEEK_R1_Q2: dict[str, Any] = {
+    "name": "DeepSeek-R1-Q2_K",
+    "architecture": "deepseek2",
+    "blockCount": 61,
+    "embeddingLength": 7168,
+    "headCount": 128,
+    "headCountKv": 128,
+    "keyLength": 192,
+    "valueLength": 128,
+    "contextLength": 163840,
+    "vocabSize": 129280,
+    "feedForwardLength": 18432,
+    "expertCount": 256,
+    "expertUsedCount": 8,
+    "kvLoraRank": 512,
+    "ropeDimensionCount": 64,
+    "sizeBytes": 202_000_000_000,
+    "gguf": {
+        "leading_dense_block_count": 3,
+        "expert_shared_count": 1,
+        "expert_feed_forward_length": 2048,
+        "attention.q_lora_rank": 1536,
+    },
+}
+"""DeepSeek R1's header as converted before llama.cpp's MLA change (see the presets below)."""
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Meta Llama 3.1 8B Instruct, Q4_K_M: 32 layers, 8 KV heads of 128 -> 131072 bytes/token in f16
     "llama-3.1-8b": {
@@ -61,57 +87,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     # before llama.cpp's MLA re-conversion (April 2025): their headers carry no
     # attention.key_length_mla, so llama.cpp caches full per-head K (128 x 192) and V (128 x 128):
     # 4,997,120 bytes per token in f16, about 76 GiB for 4 slots of 4096 tokens.
-    "deepseek-r1-q2": {
-        "name": "DeepSeek-R1-Q2_K",
-        "architecture": "deepseek2",
-        "blockCount": 61,
-        "embeddingLength": 7168,
-        "headCount": 128,
-        "headCountKv": 128,
-        "keyLength": 192,
-        "valueLength": 128,
-        "contextLength": 163840,
-        "vocabSize": 129280,
-        "feedForwardLength": 18432,
-        "expertCount": 256,
-        "expertUsedCount": 8,
-        "kvLoraRank": 512,
-        "ropeDimensionCount": 64,
-        "sizeBytes": 202_000_000_000,
-        "gguf": {
-            "leading_dense_block_count": 3,
-            "expert_shared_count": 1,
-            "expert_feed_forward_length": 2048,
-            "attention.q_lora_rank": 1536,
-        },
-    },
+    "deepseek-r1-q2": _DEEPSEEK_R1_Q2,
     # The same model re-converted after llama.cpp's MLA change (convert_hf_to_gguf.py since April
     # 2025): one latent KV "head" of kv_lora_rank + rope dims (576) and no V cache: 70,272 bytes per
     # token in f16, 71 times less.
     "deepseek-r1-q2-mla": {
+        **_DEEPSEEK_R1_Q2,
         "name": "DeepSeek-R1-Q2_K (MLA conversion)",
-        "architecture": "deepseek2",
-        "blockCount": 61,
-        "embeddingLength": 7168,
-        "headCount": 128,
         "headCountKv": 1,
         "keyLength": 576,
         "valueLength": 512,
         "keyLengthMla": 192,
         "valueLengthMla": 128,
-        "contextLength": 163840,
-        "vocabSize": 129280,
-        "feedForwardLength": 18432,
-        "expertCount": 256,
-        "expertUsedCount": 8,
-        "kvLoraRank": 512,
-        "ropeDimensionCount": 64,
-        "sizeBytes": 202_000_000_000,
-        "gguf": {
-            "leading_dense_block_count": 3,
-            "expert_shared_count": 1,
-            "expert_feed_forward_length": 2048,
-            "attention.q_lora_rank": 1536,
-        },
     },
 }
