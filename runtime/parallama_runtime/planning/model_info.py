@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .architectures import CacheLayout, Hparams, cache_layout
 from .errors import ModelSourceError, UnsupportedModelError
-from .gguf_header import GGUFHeader, RangeReader, read_gguf_header
+from .gguf_header import DEFAULT_MAX_HEADER_BYTES, GGUFHeader, RangeReader, read_gguf_header
 
 __all__ = [
     "DEFAULT_MAX_HEADER_BYTES",
@@ -41,12 +41,6 @@ __all__ = [
     "read_model_info",
 ]
 
-DEFAULT_MAX_HEADER_BYTES = 64 * 1024 * 1024
-"""Upper bound on how much of a remote file we read to find the end of its header.
-
-Tokenizer arrays dominate GGUF headers: a 256k-token vocabulary with scores and merges is about
-10 MiB, so 64 MiB is generous while still refusing to silently download a multi-GB file.
-"""
 
 _GGUF_MAGIC = b"GGUF"
 

@@ -295,17 +295,22 @@ RWKV = {
 }
 
 
-def _rwkv6_keys(w: gguf.GGUFWriter, token_shift_count: int | None) -> None:
+def _rwkv_keys(w: gguf.GGUFWriter, token_shift_count: int | None) -> None:
+    """The keys RWKV 6 and 7 share: no attention heads, a WKV head size, an optional token shift."""
     p = RWKV
     w.add_block_count(p["n_layer"])
     w.add_embedding_length(p["n_embd"])
     w.add_head_count(0)
     w.add_wkv_head_size(p["head_size"])
-    w.add_time_mix_extra_dim(p["time_mix_extra_dim"])
-    w.add_time_decay_extra_dim(p["time_decay_extra_dim"])
     w.add_feed_forward_length(p["n_ff"])
     if token_shift_count is not None:
         w.add_token_shift_count(token_shift_count)
+
+
+def _rwkv6_keys(w: gguf.GGUFWriter, token_shift_count: int | None) -> None:
+    _rwkv_keys(w, token_shift_count)
+    w.add_time_mix_extra_dim(RWKV["time_mix_extra_dim"])
+    w.add_time_decay_extra_dim(RWKV["time_decay_extra_dim"])
 
 
 def _rwkv6_time_mix(model: ModelWriter, i: int, *, qwen2: bool) -> None:
@@ -404,18 +409,11 @@ def _rwkv7_time_mix(model: ModelWriter, i: int, *, lerp: int, ln: bool) -> None:
 
 
 def _rwkv7_keys(w: gguf.GGUFWriter, token_shift_count: int | None) -> None:
-    p = RWKV
-    w.add_block_count(p["n_layer"])
-    w.add_embedding_length(p["n_embd"])
-    w.add_head_count(0)
-    w.add_wkv_head_size(p["head_size"])
-    w.add_decay_lora_rank(p["lora"])
-    w.add_iclr_lora_rank(p["lora"])
-    w.add_value_residual_mix_lora_rank(p["lora"])
-    w.add_gate_lora_rank(p["lora"])
-    w.add_feed_forward_length(p["n_ff"])
-    if token_shift_count is not None:
-        w.add_token_shift_count(token_shift_count)
+    _rwkv_keys(w, token_shift_count)
+    w.add_decay_lora_rank(RWKV["lora"])
+    w.add_iclr_lora_rank(RWKV["lora"])
+    w.add_value_residual_mix_lora_rank(RWKV["lora"])
+    w.add_gate_lora_rank(RWKV["lora"])
 
 
 @family("rwkv7", "rwkv7", "recurrent")
