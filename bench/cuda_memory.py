@@ -56,7 +56,7 @@ def main() -> int:
 
     import llama_cpp
     from parallama_runtime.demo_model import BENCH_SHAPE, DEMO_SHAPE, write_model
-    from parallama_runtime.llama_log import LlamaLogCapture, parse_buffer_reports
+    from parallama_runtime.engine.llama_log import LlamaLogCapture, parse_buffer_reports
     from parallama_runtime.planning.memory import KVCacheType, MemoryConfig, context_refusal
     from parallama_runtime.planning.model_info import model_info_from_gguf
     from support.families import load_all

@@ -261,7 +261,7 @@ def bare_decode(
     sequence, as the runtime does when N requests are admitted together; 2N clients are two waves.
     """
     import llama_cpp as lib
-    from parallama_runtime.llama_log import LlamaLogCapture
+    from parallama_runtime.engine.llama_log import LlamaLogCapture
 
     LlamaLogCapture.install()  # keep llama.cpp's log off the terminal
     lib.llama_backend_init()

@@ -25,7 +25,6 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from .chat_template import TemplateError, render_chat
 from .engine import (
     Engine,
     EngineError,
@@ -36,6 +35,7 @@ from .engine import (
     SamplingParams,
     TextChunk,
 )
+from .engine.chat_template import TemplateError, render_chat
 from .metrics import CONTENT_TYPE, RuntimeMetrics
 
 __all__ = ["ApiError", "ModelCard", "RuntimeAPI"]

@@ -17,7 +17,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .engine import EngineStats, Finish
-from .llama_log import ParsedReports
+from .engine.llama_log import ParsedReports
 from .planning.memory import MemoryEstimate
 from .telemetry import GpuSample
 

@@ -24,7 +24,7 @@ from parallama_runtime.planning.memory import (
 from parallama_runtime.planning.model_info import ModelInfo, model_info_from_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the runtime extra (llama-cpp-python) is not installed")
-from parallama_runtime.llama_log import LlamaLogCapture, parse_buffer_reports  # noqa: E402
+from parallama_runtime.engine.llama_log import LlamaLogCapture, parse_buffer_reports  # noqa: E402
 
 pytestmark = pytest.mark.llama
 

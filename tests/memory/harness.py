@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from parallama_runtime.llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
+from parallama_runtime.engine.llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
 from parallama_runtime.planning.memory import KVCacheType, MemoryConfig
 
 __all__ = ["COMPUTE_TOLERANCE", "PRINTED", "Measured", "Setting", "capture", "load", "measure"]

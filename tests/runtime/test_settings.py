@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from parallama_runtime.chat_template import FALLBACK_TEMPLATE, TemplateError, render_chat
+from parallama_runtime.engine.chat_template import FALLBACK_TEMPLATE, TemplateError, render_chat
 from parallama_runtime.planning import planner
 from parallama_runtime.planning.memory import KVCacheType
 from parallama_runtime.planning.model_info import model_info_from_metadata

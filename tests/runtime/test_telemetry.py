@@ -162,7 +162,7 @@ def test_exposition_passes_promtool() -> None:
     import shutil
     import subprocess
 
-    from parallama_runtime.llama_log import BufferReport, ParsedReports
+    from parallama_runtime.engine.llama_log import BufferReport, ParsedReports
 
     promtool = shutil.which("promtool")
     if promtool is None:

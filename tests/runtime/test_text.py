@@ -9,7 +9,7 @@ import urllib.request
 from typing import Any
 
 import pytest
-from parallama_runtime.engine import SamplingParams, TextChunk, _held_back, _Request, _Slot
+from parallama_runtime.engine.scheduler import SamplingParams, TextChunk, _held_back, _Request, _Slot
 from parallama_runtime.serve import BackgroundServer
 from runtime_helpers import SERVED_NAME
 

@@ -32,9 +32,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..planning.memory import KVCacheType, MemoryConfig
+from ..termination import Failure, FailureReason, allocation_failure_line
 from .llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
-from .planning.memory import KVCacheType, MemoryConfig
-from .termination import Failure, FailureReason, allocation_failure_line
 
 __all__ = [
     "Engine",
