@@ -55,9 +55,19 @@ class _LiveCollector(Collector):
             yield GaugeMetricFamily(
                 "parallama_queue_depth_max", "Longest wait queue since start", stats.queue_depth_max
             )
-            ratio = stats.kv_cells_used / stats.kv_cells_total if stats.kv_cells_total else 0.0
+            # the prompt cache keeps finished requests' cells in the free part of the pool; they
+            # are given back on demand, so "in use" counts what running requests hold
+            running = stats.kv_cells_used - stats.kv_cells_cached
+            ratio = running / stats.kv_cells_total if stats.kv_cells_total else 0.0
             yield GaugeMetricFamily(
-                "parallama_kv_cache_usage_ratio", "KV cache cells in use over cells allocated", ratio
+                "parallama_kv_cache_usage_ratio",
+                "KV cache cells running requests hold over cells allocated",
+                ratio,
+            )
+            yield GaugeMetricFamily(
+                "parallama_kv_cache_cached_cells",
+                "KV cells the prompt cache keeps for finished requests (given back when needed)",
+                stats.kv_cells_cached,
             )
         samples = list(self._gpus())
         measured = GaugeMetricFamily(
@@ -128,8 +138,17 @@ class RuntimeMetrics:
         self.queue_time = Histogram(
             "parallama_queue_time_seconds", "Waiting for a free slot", buckets=_LATENCY, registry=r
         )
-        self.prompt_tokens = Counter("parallama_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.prompt_tokens = Counter(
+            "parallama_prompt_tokens",
+            "Prompt tokens of admitted requests, from the cache or computed",
+            registry=r,
+        )
         self.generation_tokens = Counter("parallama_generation_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens_cached = Counter(
+            "parallama_prompt_tokens_cached",
+            "Prompt tokens served from the prompt cache instead of computed",
+            registry=r,
+        )
         self.memory_planned = Gauge(
             "parallama_memory_planned_bytes", "Memory the planner expects", ["component"], registry=r
         )
@@ -179,9 +198,11 @@ class RuntimeMetrics:
 
     # ---- EngineObserver
 
-    def on_admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
+    def on_admitted(self, queue_seconds: float, prompt_tokens: int, cached_tokens: int) -> None:
         self.queue_time.observe(queue_seconds)
         self.prompt_tokens.inc(prompt_tokens)
+        if cached_tokens:
+            self.prompt_tokens_cached.inc(cached_tokens)
 
     def on_first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)

@@ -9,7 +9,9 @@ import urllib.request
 from typing import Any
 
 import pytest
-from parallama_runtime.engine.scheduler import SamplingParams, TextChunk, _held_back, _Request, _Slot
+from parallama_runtime.engine import SamplingParams, TextChunk
+from parallama_runtime.engine.requests import Request
+from parallama_runtime.engine.sampling import StopMatcher, held_back
 from parallama_runtime.serve import BackgroundServer
 from runtime_helpers import SERVED_NAME
 
@@ -41,12 +43,11 @@ def test_utf8_split_over_byte_tokens_comes_out_whole(server: BackgroundServer) -
     assert len(tokens) >= 5  # byte fallback: 2 + 3 byte tokens (after SentencePiece's space marker)
     loop = asyncio.new_event_loop()
     try:
-        slot = _Slot(99)
-        slot.request = _Request(1, [1], SamplingParams(max_tokens=100), loop)
-        slot.request.submitted_at = slot.request.last_at = time.perf_counter()
+        request = Request(1, [1], SamplingParams(max_tokens=100), loop)
+        request.submitted_at = request.last_at = time.perf_counter()
         outbox: list[tuple[Any, Any]] = []
         for token in tokens:
-            engine._on_token(slot, token, time.perf_counter(), outbox)
+            engine._on_token(request, token, time.perf_counter(), outbox)
     finally:
         loop.close()
     texts = [event.text for _, event in outbox if isinstance(event, TextChunk)]
@@ -56,7 +57,45 @@ def test_utf8_split_over_byte_tokens_comes_out_whole(server: BackgroundServer) -
 
 
 def test_held_back_tail() -> None:
-    assert _held_back("hello wor", ["world"]) == 3
-    assert _held_back("hello", ["xyz"]) == 0
-    assert _held_back("ab", ["abc", "bq"]) == 2
-    assert _held_back("", ["a"]) == 0
+    assert held_back("hello wor", ["world"]) == 3
+    assert held_back("hello", ["xyz"]) == 0
+    assert held_back("ab", ["abc", "bq"]) == 2
+    assert held_back("", ["a"]) == 0
+
+
+def test_the_earliest_stop_wins_whatever_the_order_given() -> None:
+    for stops in (["lazy", "fox"], ["fox", "lazy"]):
+        matcher = StopMatcher(stops)
+        assert matcher.feed("the quick brown fox jumps over the lazy dog") == ("the quick brown ", True)
+    # a stop that starts in held-back text and one that completes inside the new piece
+    matcher = StopMatcher(["xyz", "yq"])
+    assert matcher.feed("abcx") == ("abc", False)
+    assert matcher.feed("yqz") == ("x", True)  # "yq" starts at 1, "xyz" never completes
+
+
+def test_text_held_back_for_a_stop_is_flushed_when_generation_ends_otherwise() -> None:
+    matcher = StopMatcher(["world"])
+    assert matcher.feed("hello wor") == ("hello ", False)
+    assert matcher.flush() == "wor"
+    assert matcher.flush() == ""
+
+
+@pytest.mark.llama
+def test_end_of_generation_flushes_held_back_text(server: BackgroundServer) -> None:
+    """A stream that ends on EOS while text is held back for a possible stop keeps that text."""
+    engine = server.server.engine
+    assert engine is not None
+    loop = asyncio.new_event_loop()
+    try:
+        request = Request(1, [1], SamplingParams(max_tokens=100, stop=["wor" + "ld!"]), loop)
+        request.submitted_at = request.last_at = time.perf_counter()
+        outbox: list[tuple[Any, Any]] = []
+        for token in engine.tokenize(" hello wor", add_special=False, parse_special=False):
+            engine._on_token(request, token, time.perf_counter(), outbox)
+        held = "".join(event.text for _, event in outbox if isinstance(event, TextChunk))
+        engine._on_token(request, engine.eos_token_id, time.perf_counter(), outbox)
+    finally:
+        loop.close()
+    texts = "".join(event.text for _, event in outbox if isinstance(event, TextChunk))
+    assert "wor" not in held and texts.strip() == "hello wor"
+    assert outbox[-1][1].reason == "stop"

@@ -1,9 +1,15 @@
 """The engine: one llama.cpp model and context, N slots over one KV pool, a continuous-batching
 scheduler with a prompt cache. The API talks to it through :class:`Engine` and the value types
-re-exported here; nothing outside this package touches llama.cpp while serving."""
+re-exported here; nothing outside this package touches llama.cpp while serving.
 
-from .scheduler import (
-    Engine,
+Modules: :mod:`.values` (config, events, errors), :mod:`.scheduler` (the loop),
+:mod:`.prompt_cache` (which cells the pool keeps and shares), :mod:`.sampling` (samplers, stop
+sequences), :mod:`.requests` (a request's state and handle), :mod:`.binding` (llama.cpp calls),
+:mod:`.llama_log` (llama.cpp's log), :mod:`.chat_template` (Jinja chat templates)."""
+
+from .requests import RequestHandle
+from .scheduler import Engine
+from .values import (
     EngineConfig,
     EngineError,
     EngineLoadError,
@@ -12,7 +18,6 @@ from .scheduler import (
     Finish,
     PromptTooLongError,
     QueueFullError,
-    RequestHandle,
     SamplingParams,
     TextChunk,
 )
