@@ -90,10 +90,11 @@ class PromptCache:
     """
 
     TAKE_OVER_FRACTION = 0.5
-    """A finished sequence is reused in place (its tail beyond the common prefix dropped) when the
-    prefix is at least this share of it; otherwise the prefix is shared into a fresh sequence so the
-    rest stays cached for whoever owns it (another user's conversation). llama-server keeps the
-    same threshold before it saves a slot to its host-memory cache."""
+    """Where a prefix comes from a finished sequence with more after it (another user's
+    conversation, say), the prefix is shared into an empty sequence so the rest stays cached. Only
+    when no sequence id is spare does the new request take the donor over (dropping its tail), and
+    only if the prefix is at least this share of it; otherwise the least recently used sequence is
+    evicted. llama-server keeps the same threshold before it saves a slot to its host cache."""
 
     def __init__(self, memory: KVMemory, n_seq: int, n_cells: int, *, share: bool, keep: bool = True) -> None:
         if n_seq < 1 or n_cells < 1:
@@ -115,16 +116,28 @@ class PromptCache:
         logits give the first answer token). Needs an idle sequence: callers admit at most
         ``n_seq`` requests at once."""
         donor, length = self._best_prefix(prompt)
-        if donor is not None and not donor.active and self._worth_taking_over(donor, length):
-            target = donor
-            reused = self._cut(donor, length)
-            shared = None
-        else:
-            free = self._free_sequence(exclude=donor)
-            if free is None:
+        idle_donor = donor if donor is not None and not donor.active else None
+        if idle_donor is not None and length == len(idle_donor.tokens):
+            # the donor is all prefix (the same conversation's last turn): continue it in place
+            idle_donor.active = True
+            return Placement(idle_donor.id, length)
+        free = self._empty_sequence()
+        if (
+            free is None
+            and idle_donor is not None
+            and length >= self.TAKE_OVER_FRACTION * len(idle_donor.tokens)
+        ):
+            free = idle_donor  # no spare sequence: losing the donor's short tail beats evicting
+        if free is None:
+            free = self._evict_for_new(exclude=donor)
+        if free is None:  # the donor is the only idle sequence there is
+            if idle_donor is None:
                 raise RuntimeError("no idle sequence for a new request")
-            target = free
-            reused, shared = 0, None
+            free = idle_donor
+        if free is idle_donor:
+            target, reused, shared = free, self._cut(free, length), None
+        else:
+            target, reused, shared = free, 0, None
             if donor is not None and self.share:
                 self._copy(donor, target, length)
                 reused, shared = length, donor.id
@@ -195,18 +208,14 @@ class PromptCache:
                 best, best_key = sequence, key
         return best, best_key[0]
 
-    def _worth_taking_over(self, donor: CachedSequence, length: int) -> bool:
-        return not self.share or length >= self.TAKE_OVER_FRACTION * len(donor.tokens)
+    def _empty_sequence(self) -> CachedSequence | None:
+        return next((s for s in self.sequences if not s.active and not s.tokens), None)
 
-    def _free_sequence(self, exclude: CachedSequence | None) -> CachedSequence | None:
-        """An idle sequence for a new request: an empty one, else the least recently used finished
-        one (evicted)."""
+    def _evict_for_new(self, exclude: CachedSequence | None) -> CachedSequence | None:
+        """The least recently used finished sequence other than ``exclude``, cleared."""
         idle = [s for s in self.sequences if not s.active and s is not exclude]
         if not idle:
             return None
-        empty = [s for s in idle if not s.tokens]
-        if empty:
-            return empty[0]
         victim = min(idle, key=lambda s: s.last_used)
         self._clear(victim)
         return victim
