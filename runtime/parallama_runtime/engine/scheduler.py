@@ -25,7 +25,6 @@ import collections
 import contextlib
 import ctypes
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,7 @@ from typing import Any
 
 from ..termination import Failure, FailureReason, allocation_failure_line
 from .binding import Batch, LlamaMemory, Vocab, context_params, model_params, sequence_ids
+from .cpu import available_cpus
 from .llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
 from .prompt_cache import PromptCache
 from .requests import Request, RequestHandle, deliver
@@ -137,7 +137,7 @@ class Engine:
         self.n_seq_max = sequence_ids(
             cfg, recurrent=recurrent, sliding_window=int(lib.llama_model_n_swa(model))
         )
-        self.threads = cfg.threads or os.cpu_count() or 1  # TODO(lead): cgroup quota via .cpu
+        self.threads = cfg.threads or available_cpus()  # the container's quota, not the host's cores
         ctx = lib.llama_init_from_model(model, context_params(lib, cfg, self.n_seq_max, self.threads))
         if not ctx:
             lib.llama_model_free(model)
