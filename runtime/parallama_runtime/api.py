@@ -5,6 +5,11 @@ imports llama.cpp. Every failure a client can cause is a 4xx with a JSON message
 the route (OpenAI ``{"error": {...}}``, Ollama ``{"error": "..."}``); unexpected failures are a 500
 with a generic message and the traceback goes to the server log, never to the client.
 
+Work a request causes is bounded before it is done (see :class:`RequestLimits`): the body size is
+checked against the Content-Length before the body is read, a prompt whose byte count alone proves it
+longer than a slot is refused before it is tokenized, and large prompts are rendered and tokenized on
+a small thread pool so that one huge request does not stall every stream and probe on the event loop.
+
 A client that goes away cancels its engine request: streaming handlers notice it on the next write,
 and the app runs with aiohttp's ``handler_cancellation`` so a non-streaming handler is cancelled on
 disconnect; both paths end in ``handle.cancel()``, which frees the slot and its KV cells.
@@ -16,10 +21,12 @@ import asyncio
 import importlib.metadata as _metadata
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -38,7 +45,7 @@ from .engine import (
 from .engine.chat_template import TemplateError, render_chat
 from .metrics import CONTENT_TYPE, RuntimeMetrics
 
-__all__ = ["ApiError", "ModelCard", "RuntimeAPI"]
+__all__ = ["ApiError", "ModelCard", "RequestLimits", "RuntimeAPI"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +62,62 @@ except _metadata.PackageNotFoundError:  # running from a source tree
 
 OLLAMA_VERSION = "0.12.0"
 """The Ollama API version this surface follows (clients check it for feature support)."""
+
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Bounds on the work one request may cause, derived from the slot size ``num_ctx``.
+
+    **Body size.** A body larger than ``max_body_bytes`` is a 413 before it is read. No prompt is
+    useful beyond ``num_ctx`` tokens, and ordinary text is 3 to 5 bytes a token; JSON escaping costs
+    at most 6 bytes per UTF-16 unit (``\\uXXXX``, what ``json.dumps`` writes for every non-ASCII
+    character), so even CJK or emoji text stays under ~24 bytes a token. :data:`BODY_BYTES_PER_TOKEN`
+    = 64 leaves room for message structure and a history a client sends for truncation; the floor of
+    :data:`MIN_BODY_BYTES` (4 MiB) keeps small contexts from refusing ordinary requests. So 4096 or
+    32768 tokens: 4 MiB; 131072: 8 MiB; 1M: 64 MiB (aiohttp's limit before).
+
+    **Prompt length before tokenizing.** A token stands for at most ``max_token_bytes`` bytes of
+    text, so ``ceil(bytes / max_token_bytes)`` is a lower bound on the token count that needs no
+    tokenizer: when it already reaches ``num_ctx`` the prompt cannot fit and is refused without
+    tokenizing it. Only this direction is safe: a token can be many characters long, so the bytes
+    say nothing about an upper bound. The engine gives the bound from its vocabulary when it can
+    (``Engine.max_token_bytes``, llama.cpp's longest token text); without it
+    :data:`FALLBACK_MAX_TOKEN_BYTES` = 1024 is used: the vocabularies of chat models hold no token
+    text of more than a few hundred bytes (llama.cpp prints the longest at load as "max token
+    length"), so 1024 refuses only prompts that could not fit with any of them. At least 4 either way:
+    one unknown character (up to 4 UTF-8 bytes) may become one ``<unk>`` token.
+
+    **Off the event loop.** Rendering the chat template and tokenizing cost ~0.1 ms per KiB (measured
+    on the demo model, 2 cores), a thread hop ~40 us. Bodies over :data:`OFFLOAD_BYTES` (8 KiB,
+    <1 ms of work inline) are rendered and tokenized on the API's thread pool; smaller ones inline,
+    where the hop would cost more than the work. JSON parsing stays inline: ``json.loads`` holds the
+    GIL for the whole call, so a thread would not free the loop, and it is ~1 ms per MiB of body.
+    """
+
+    num_ctx: int
+    max_token_bytes: int = 0
+    """0: unknown (the fallback applies)."""
+
+    BODY_BYTES_PER_TOKEN = 64
+    MIN_BODY_BYTES = 4 * MIB
+    FALLBACK_MAX_TOKEN_BYTES = 1024
+    OFFLOAD_BYTES = 8 * 1024
+
+    @property
+    def max_body_bytes(self) -> int:
+        return max(self.MIN_BODY_BYTES, self.num_ctx * self.BODY_BYTES_PER_TOKEN)
+
+    @property
+    def token_bytes(self) -> int:
+        return max(4, self.max_token_bytes or self.FALLBACK_MAX_TOKEN_BYTES)
+
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens ``text`` becomes (see the class docstring)."""
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        return math.ceil(size / self.token_bytes)
 
 
 class ApiError(Exception):
@@ -132,6 +195,11 @@ def _stops(value: Any, name: str) -> list[str]:
 class RuntimeAPI:
     """The aiohttp application around one engine; ``ready`` flips once the engine is loaded."""
 
+    PREP_THREADS = 2
+    """Workers that render and tokenize large prompts: two, so that one huge prompt does not hold up
+    the next, and no more, since they take CPU from llama.cpp's threads. The pool is the API's own
+    (not asyncio's default executor, where model loading and /metrics run)."""
+
     def __init__(self, engine: Engine, metrics: RuntimeMetrics, card: ModelCard) -> None:
         self.engine = engine
         self.metrics = metrics
@@ -140,7 +208,10 @@ class RuntimeAPI:
         self.draining = False
         self.load_error: str | None = None
         self.started = time.time()
-        self.app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._errors])
+        self._limits = RequestLimits(card.num_ctx or 4096)
+        self._pool = ThreadPoolExecutor(self.PREP_THREADS, thread_name_prefix="parallama-prep")
+        self.app = web.Application(client_max_size=self._limits.max_body_bytes, middlewares=[self._errors])
+        self.app.on_cleanup.append(self._shutdown_pool)
         self.app.add_routes(
             [
                 web.post("/v1/chat/completions", self.openai_chat),
@@ -196,8 +267,39 @@ class RuntimeAPI:
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
         return web.json_response(_error_body(dialect, error), status=error.status, headers=headers)
 
+    @property
+    def limits(self) -> RequestLimits:
+        """The request bounds, with the engine's longest token once it is loaded."""
+        known = self.engine.max_token_bytes
+        if isinstance(known, int) and known != self._limits.max_token_bytes:
+            self._limits = replace(self._limits, max_token_bytes=known)
+        return self._limits
+
+    async def _shutdown_pool(self, app: web.Application) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _too_large(self, size: int | None) -> ApiError:
+        limit = self.limits.max_body_bytes
+        got = f"{size} bytes" if size is not None else "larger"
+        return ApiError(
+            413,
+            f"request body is {got} but this server accepts at most {limit} bytes "
+            f"({limit // MIB} MiB, from num_ctx={self.limits.num_ctx} tokens per slot)",
+        )
+
     async def _body(self, request: web.Request) -> dict[str, Any]:
-        raw = await request.read()
+        return (await self._sized_body(request))[0]
+
+    async def _sized_body(self, request: web.Request) -> tuple[dict[str, Any], int]:
+        """The JSON object in the body and the body's size; too large a body is refused by its
+        Content-Length before any of it is read (a chunked one when the reading passes the limit)."""
+        length = request.content_length
+        if length is not None and length > self.limits.max_body_bytes:
+            raise self._too_large(length)
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise self._too_large(None) from None
         if not raw.strip():
             raise ApiError(400, "request body is empty; expected a JSON object")
         try:
@@ -206,7 +308,7 @@ class RuntimeAPI:
             raise ApiError(400, f"invalid JSON in request body: {error}") from None
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
-        return body
+        return body, len(raw)
 
     def _check_ready(self) -> None:
         if self.draining:
@@ -228,10 +330,54 @@ class RuntimeAPI:
                 message = f"The model `{wanted}` does not exist (this server serves `{self.card.name}`)"
             raise ApiError(404, message, kind="not_found_error")
 
-    def _tokens(self, text: str) -> list[int]:
+    def _tokens(self, text: str, dialect: Dialect, *, truncate: bool = False) -> list[int]:
+        """Tokenize ``text``, unless its size alone proves it longer than a slot (and no truncation
+        was asked for): then it is refused without the tokenizer's work."""
+        if not truncate:
+            limits = self.limits
+            at_least = limits.min_tokens(text)
+            if at_least >= limits.num_ctx:
+                fix = (
+                    'shorten it or send "truncate": true'
+                    if dialect == "ollama"
+                    else "shorten it (or use the Ollama API's truncate)"
+                )
+                raise ApiError(
+                    400,
+                    f"prompt is at least {at_least} tokens (no token of this model is longer than "
+                    f"{limits.token_bytes} bytes) but the context of a slot holds {limits.num_ctx} "
+                    f"(num_ctx); {fix}",
+                )
         bos = self.engine.bos_text
         add_special = not (bos and text.startswith(bos))  # the template already put BOS in
-        return self.engine.tokenize(text, add_special=add_special, parse_special=True)
+        try:
+            return self.engine.tokenize(text, add_special=add_special, parse_special=True)
+        except UnicodeEncodeError as error:  # JSON may carry lone surrogates ("\ud800")
+            raise ApiError(400, f"prompt is not valid Unicode: {error.reason} at {error.start}") from None
+
+    async def _prompt(
+        self,
+        body_bytes: int,
+        dialect: Dialect,
+        *,
+        text: str | None = None,
+        messages: Any = None,
+        truncate: bool = False,
+    ) -> list[int]:
+        """Render (when ``messages``) and tokenize, on the prep pool when the body is large."""
+
+        def work() -> list[int]:
+            prompt = self._chat_prompt(messages) if text is None else text
+            return self._tokens(prompt, dialect, truncate=truncate)
+
+        if body_bytes <= self.limits.OFFLOAD_BYTES:
+            return work()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, work)
+
+    def _ollama_truncate(self, body: Mapping[str, Any]) -> bool:
+        options = body.get("options")
+        return bool(body.get("truncate") or (isinstance(options, dict) and options.get("truncate")))
 
     def _chat_prompt(self, messages: Any) -> str:
         try:
@@ -398,23 +544,23 @@ class RuntimeAPI:
     # ------------------------------------------------------------------ OpenAI
 
     async def openai_chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body, size = await self._sized_body(request)
         self._check_model(body, "openai")
         self._check_ready()
         if "messages" not in body:
             raise ApiError(400, "messages is required")
-        prompt = self._tokens(self._chat_prompt(body["messages"]))
+        prompt = await self._prompt(size, "openai", messages=body["messages"])
         return await self._openai_run(request, body, prompt, chat=True)
 
     async def openai_completions(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body, size = await self._sized_body(request)
         self._check_model(body, "openai")
         self._check_ready()
         raw = body.get("prompt")
         if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
             raw = raw[0]
         if isinstance(raw, str):
-            prompt = self._tokens(raw)
+            prompt = await self._prompt(size, "openai", text=raw)
         elif (
             isinstance(raw, list) and raw and all(isinstance(t, int) and not isinstance(t, bool) for t in raw)
         ):
@@ -560,7 +706,7 @@ class RuntimeAPI:
     # ------------------------------------------------------------------ Ollama
 
     async def ollama_generate(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body, size = await self._sized_body(request)
         self._check_model(body, "ollama")
         self._check_ready()
         prompt_text = body.get("prompt") or ""
@@ -581,17 +727,18 @@ class RuntimeAPI:
                     "done_reason": "load",
                 }
             )
+        truncate = self._ollama_truncate(body)
         if body.get("raw"):
-            text = prompt_text
+            prompt = await self._prompt(size, "ollama", text=prompt_text, truncate=truncate)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt_text}
             ]
-            text = self._chat_prompt(messages)
-        return await self._ollama_run(request, body, self._tokens(text), chat=False)
+            prompt = await self._prompt(size, "ollama", messages=messages, truncate=truncate)
+        return await self._ollama_run(request, body, prompt, chat=False)
 
     async def ollama_chat(self, request: web.Request) -> web.StreamResponse:
-        body = await self._body(request)
+        body, size = await self._sized_body(request)
         self._check_model(body, "ollama")
         self._check_ready()
         messages = body.get("messages")
@@ -606,15 +753,14 @@ class RuntimeAPI:
                     "done_reason": "load",
                 }
             )
-        return await self._ollama_run(request, body, self._tokens(self._chat_prompt(messages)), chat=True)
+        prompt = await self._prompt(size, "ollama", messages=messages, truncate=self._ollama_truncate(body))
+        return await self._ollama_run(request, body, prompt, chat=True)
 
     async def _ollama_run(
         self, request: web.Request, body: Mapping[str, Any], prompt: list[int], *, chat: bool
     ) -> web.StreamResponse:
         params, notes = self._ollama_params(body)
-        options = body.get("options") or {}
-        truncate = bool(body.get("truncate") or options.get("truncate"))
-        handle = self._submit(prompt, params, truncate=truncate)
+        handle = self._submit(prompt, params, truncate=self._ollama_truncate(body))
         model = self.card.ollama_name
         headers = {"X-Parallama-Note": "; ".join(notes)} if notes else {}
         if handle.truncated:
@@ -727,7 +873,24 @@ class RuntimeAPI:
     async def root(self, request: web.Request) -> web.Response:
         return web.Response(text="parallama is running")
 
+    def _scheduler_down(self) -> str | None:
+        """Why the engine can no longer serve, or None. Only once it was started and while not
+        shutting down: loading is alive (the model may take minutes), and a drain stops the
+        scheduler on purpose."""
+        if not self.ready or self.draining:
+            return None
+        if self.engine.failed:
+            return "the scheduler failed; see the server log"
+        if not self.engine.scheduler_alive():  # e.g. killed by a BaseException the engine cannot catch
+            return "the scheduler thread has stopped; see the server log"
+        return None
+
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: 503 once the scheduler is dead, so that Kubernetes restarts the pod (nothing
+        else would: the listener still answers, every request would just fail)."""
+        down = self._scheduler_down()
+        if down is not None:
+            return web.json_response({"status": "failed", "error": down}, status=503)
         return web.json_response({"status": "alive"})
 
     async def readyz(self, request: web.Request) -> web.Response:
@@ -737,8 +900,9 @@ class RuntimeAPI:
             return web.json_response({"status": "failed", "error": self.load_error}, status=503)
         if not self.ready:
             return web.json_response({"status": "loading"}, status=503)
-        if self.engine.failed:
-            return web.json_response({"status": "failed", "error": "scheduler failed"}, status=503)
+        down = self._scheduler_down()
+        if down is not None:
+            return web.json_response({"status": "failed", "error": down}, status=503)
         stats = self.engine.stats()
         return web.json_response({"status": "ready", "slots": stats.slots_total, "model": self.card.name})
 

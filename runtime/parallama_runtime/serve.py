@@ -30,6 +30,7 @@ from aiohttp import web
 from .api import ModelCard, RuntimeAPI
 from .demo_model import DEMO_SHAPE
 from .engine import Engine, EngineConfig, EngineLoadError
+from .engine.cpu import cpu_limits
 from .metrics import RuntimeMetrics
 from .planning.memory import KVCacheType, estimate_memory
 from .planning.model_info import ModelInfo, ModelSourceError, UnsupportedModelError, model_info_from_gguf
@@ -105,7 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-queue", type=int, help=f"waiting requests before 503 (default {DEFAULT_MAX_QUEUE})"
     )
-    parser.add_argument("--threads", type=int, help="CPU threads for llama.cpp (default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for llama.cpp (default: the CPUs this container may use (cgroup quota))",
+    )
     parser.add_argument(
         "--shutdown-grace",
         type=float,
@@ -219,6 +224,9 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] | None = N
     if s.max_queue < 0:
         raise SettingsError("--max-queue must be 0 or more")
     s.threads = getattr(args, "threads", None)
+    if s.threads is not None and s.threads < 0:
+        raise SettingsError(f"--threads must be 0 (auto) or more, got {s.threads}")
+    s.threads = s.threads or None
     grace = getattr(args, "shutdown_grace", None)
     s.grace_seconds = grace if grace is not None else DEFAULT_GRACE_SECONDS
     return s
@@ -303,6 +311,13 @@ class Server:
         log.info("auto parallelism: %s", plan.reason)
         return plan.num_parallel
 
+    def threads(self) -> int:
+        """``--threads``, else the CPUs the container may use: the host's core count would have
+        llama.cpp's threads wait on the CFS quota (see ``engine.cpu``)."""
+        if self.settings.threads is not None:
+            return self.settings.threads
+        return cpu_limits().usable
+
     def engine_config(self, path: Path, slots: int) -> EngineConfig:
         """The llama.cpp context the settings ask for; its ``memory_config`` is what was planned."""
         s = self.settings
@@ -314,7 +329,7 @@ class Server:
             flash_attention=s.flash_attention,
             gpu_layers=s.gpu_layers,
             tensor_split=s.tensor_split,
-            threads=s.threads,
+            threads=self.threads(),
             max_queue=s.max_queue,
             swa_full=s.swa_full,
         )
@@ -337,6 +352,8 @@ class Server:
             self._fail(Failure(FailureReason.UNREADABLE_FILE, str(error)))
             return 2
         slots = self._slots(info)
+        if s.threads is None:
+            log.info("llama.cpp threads: %s", cpu_limits().describe())
         # the demo model's file name carries a content hash; clients should not have to know it
         name = s.served_name or (path.stem if s.model else DEMO_SHAPE.name)
         config = self.engine_config(path, slots)

@@ -137,6 +137,20 @@ class Vocab:
         self.bos = int(lib.llama_vocab_bos(handle))
         self.eos = int(lib.llama_vocab_eos(handle))
         self._pieces: dict[int, bytes] = {}
+        self.max_token_bytes = self._longest_token()
+        """No token stands for more input bytes than this (0: unknown), so ``bytes / max_token_bytes``
+        is a lower bound on a text's token count that the API can check before tokenizing."""
+
+    def _longest_token(self) -> int:
+        """The longest token text, llama.cpp's "max token length". BPE's byte-to-unicode form and
+        SentencePiece's ``▁``/``<0xXX>`` forms are never shorter than the bytes they stand for, so
+        this bounds input bytes per token; WPM and UGM normalise input (dropping bytes), so no bound."""
+        lib = self._lib
+        if int(lib.llama_vocab_type(self.handle)) in (lib.LLAMA_VOCAB_TYPE_WPM, lib.LLAMA_VOCAB_TYPE_UGM):
+            return 0
+        return max(
+            (len(lib.llama_vocab_get_text(self.handle, t) or b"") for t in range(self.n_tokens)), default=0
+        )
 
     def piece(self, token: int, *, special: bool = False) -> bytes:
         if not special:

@@ -113,6 +113,8 @@ class Engine:
         self.chat_template: str | None = None
         self.model_description = ""
         self.n_params = 0
+        self.max_token_bytes = 0
+        """Input bytes one token can stand for at most (0: unknown); see :class:`.binding.Vocab`."""
         self.n_seq_max = config.num_parallel
         self.kv_cells_total = config.num_ctx * config.num_parallel
         self.threads = 0
@@ -153,6 +155,7 @@ class Engine:
             self.memory, self.n_seq_max, self.kv_cells_total, share=not recurrent, keep=cfg.prompt_cache
         )
         self.n_vocab = vocab.n_tokens
+        self.max_token_bytes = vocab.max_token_bytes
         self.bos_token_id = vocab.bos
         self.eos_token_id = vocab.eos
         self.bos_text = vocab.piece(vocab.bos, special=True).decode("utf-8", "replace")
@@ -387,10 +390,11 @@ class Engine:
         try:
             while self._step():
                 pass
-        except Exception:  # a bug here must not leave clients hanging forever
+        except BaseException:  # a bug here must not leave clients hanging forever
             log.exception("scheduler crashed")
-            self.failed = True
-            self._fail_everything("internal error in the scheduler")
+            self.failed = True  # /healthz fails: Kubernetes restarts the pod
+            with contextlib.suppress(Exception):
+                self._fail_everything("internal error in the scheduler")
 
     def _fail_everything(self, message: str) -> None:
         with self._cond:
