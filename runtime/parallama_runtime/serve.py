@@ -31,6 +31,7 @@ from .api import ModelCard, RuntimeAPI
 from .demo_model import DEMO_SHAPE
 from .engine import Engine, EngineConfig, EngineLoadError
 from .engine.cpu import cpu_limits
+from .engine.values import DEFAULT_PREFILL_BUDGET
 from .metrics import RuntimeMetrics
 from .planning.memory import KVCacheType, estimate_memory
 from .planning.model_info import ModelInfo, ModelSourceError, UnsupportedModelError, model_info_from_gguf
@@ -64,6 +65,10 @@ class ServeSettings:
     swa_full: bool = False
     """Full-size caches for sliding-window layers; False is llama-server's default (a window-sized
     cache), which lets several times more slots fit for models such as Gemma."""
+    prefill_budget: int = DEFAULT_PREFILL_BUDGET
+    """Prompt tokens per step while other requests generate (bounds their inter-token latency)."""
+    prompt_cache: bool = True
+    """Keep finished requests' KV cells for later prompts sharing their prefix."""
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     served_name: str | None = None
@@ -99,6 +104,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="full-size caches for sliding-window layers (env PARALLAMA_SWA_FULL; off, like llama-server)",
+    )
+    parser.add_argument(
+        "--prefill-budget",
+        type=int,
+        help="prompt tokens per step while other requests generate: bounds their inter-token latency "
+        f"when a long prompt arrives (env PARALLAMA_PREFILL_BUDGET; default {DEFAULT_PREFILL_BUDGET})",
+    )
+    parser.add_argument(
+        "--prompt-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep finished requests' KV cells for prompts that share their prefix "
+        "(env PARALLAMA_PROMPT_CACHE; on)",
     )
     parser.add_argument("--host", help="listen address (env OLLAMA_HOST; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help=f"listen port (default {DEFAULT_PORT})")
@@ -203,6 +221,19 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] | None = N
         s.swa_full = bool(swa_full)
     elif env.get("PARALLAMA_SWA_FULL", "").strip():
         s.swa_full = _bool(env["PARALLAMA_SWA_FULL"], "PARALLAMA_SWA_FULL")
+
+    budget = getattr(args, "prefill_budget", None)
+    if budget is None:
+        budget = _env_int(env, "PARALLAMA_PREFILL_BUDGET")
+    if budget is not None:
+        if budget < 1:
+            raise SettingsError(f"--prefill-budget must be at least 1 token, got {budget}")
+        s.prefill_budget = budget
+    cache = getattr(args, "prompt_cache", None)
+    if cache is not None:
+        s.prompt_cache = bool(cache)
+    elif env.get("PARALLAMA_PROMPT_CACHE", "").strip():
+        s.prompt_cache = _bool(env["PARALLAMA_PROMPT_CACHE"], "PARALLAMA_PROMPT_CACHE")
 
     host = getattr(args, "host", None)
     port = getattr(args, "port", None)
@@ -332,6 +363,8 @@ class Server:
             threads=self.threads(),
             max_queue=s.max_queue,
             swa_full=s.swa_full,
+            prefill_budget=s.prefill_budget,
+            prompt_cache=s.prompt_cache,
         )
 
     async def serve(self, ready: threading.Event | None = None, install_signals: bool = True) -> int:

@@ -148,3 +148,38 @@ def test_chat_template_is_sandboxed_and_falls_back() -> None:
         render_chat(None, [{"content": "no role"}])
     parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     assert "ab" in render_chat(None, parts)
+
+
+_BUDGET_ENV = {"PARALLAMA_PREFILL_BUDGET": "32", "PARALLAMA_PROMPT_CACHE": "0"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "budget", "cache"),
+    [
+        ([], {}, 256, True),
+        (["--prefill-budget", "64", "--no-prompt-cache"], {}, 64, False),
+        ([], {"PARALLAMA_PREFILL_BUDGET": "32", "PARALLAMA_PROMPT_CACHE": "0"}, 32, False),
+        (
+            ["--prefill-budget", "16", "--prompt-cache"],
+            {"PARALLAMA_PREFILL_BUDGET": "32", "PARALLAMA_PROMPT_CACHE": "0"},
+            16,
+            True,
+        ),
+    ],
+)
+def test_prefill_budget_and_prompt_cache_reach_the_engine(
+    argv: list[str], env: dict[str, str], budget: int, cache: bool
+) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = resolve_settings(parser.parse_args(["m.gguf", *argv]), env)
+    config = Server(settings).engine_config(Path("m.gguf"), 2)
+    assert (config.prefill_budget, config.prompt_cache) == (budget, cache)
+
+
+@pytest.mark.parametrize("bad", [["--prefill-budget", "0"], ["--prefill-budget", "-3"]])
+def test_a_prefill_budget_below_one_token_is_refused(bad: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SettingsError, match="prefill-budget"):
+        resolve_settings(parser.parse_args(["m.gguf", *bad]), {})
