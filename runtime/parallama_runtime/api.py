@@ -583,11 +583,13 @@ class RuntimeAPI:
         model = self.card.name
         obj = "chat.completion" if chat else "text_completion"
 
-        def usage(finish: Finish) -> dict[str, int]:
+        def usage(finish: Finish) -> dict[str, Any]:
             return {
                 "prompt_tokens": finish.prompt_tokens,
                 "completion_tokens": finish.completion_tokens,
                 "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+                # OpenAI's field for prompt tokens served from its prompt cache
+                "prompt_tokens_details": {"cached_tokens": finish.cached_tokens},
             }
 
         if not body.get("stream"):

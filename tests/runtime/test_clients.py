@@ -42,6 +42,26 @@ def test_openai_chat(oai: openai.OpenAI) -> None:
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
 
 
+def test_openai_usage_reports_prompt_tokens_served_from_the_cache(oai: openai.OpenAI) -> None:
+    """A conversation's next turn resends its history; the runtime computes only what is new and
+    says so where OpenAI does (usage.prompt_tokens_details.cached_tokens)."""
+    history = [
+        {"role": "system", "content": "You answer questions about caches. " * 2},
+        {"role": "user", "content": "What does a prompt cache keep?"},
+    ]
+    kwargs = {"model": SERVED_NAME, "max_tokens": 4, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    first = oai.chat.completions.create(messages=history, **kwargs)  # type: ignore[call-overload]
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And for how long?"},
+    ]
+    second = oai.chat.completions.create(messages=history, **kwargs)  # type: ignore[call-overload]
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached is not None and first.usage.prompt_tokens - 8 <= cached < second.usage.prompt_tokens
+
+
 def test_openai_chat_stream_matches_non_stream(oai: openai.OpenAI) -> None:
     kwargs = dict(
         model=SERVED_NAME,
