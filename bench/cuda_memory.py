@@ -57,7 +57,7 @@ def main() -> int:
     import llama_cpp
     from parallama_runtime.demo_model import BENCH_SHAPE, DEMO_SHAPE, write_model
     from parallama_runtime.engine.llama_log import LlamaLogCapture, parse_buffer_reports
-    from parallama_runtime.planning.memory import KVCacheType, MemoryConfig, context_refusal
+    from parallama_runtime.planning.memory import KVCacheType, MemoryConfig, context_refusal, estimate_memory
     from parallama_runtime.planning.model_info import model_info_from_gguf
     from support.families import load_all
 
@@ -108,11 +108,13 @@ def main() -> int:
                 tensor_split=(1.0,),
             )
             refusal = context_refusal(info, config) if info is not None else None
+            # the runtime's layout: one unified pool, the memory model's sequence ids
+            n_seq_max = estimate_memory(info, config).n_seq_max if info is not None and not refusal else slots
             cparams = llama_cpp.llama_context_default_params()
             cparams.n_ctx = num_ctx * slots
-            cparams.n_seq_max = slots
+            cparams.n_seq_max = n_seq_max
             cparams.n_batch = cparams.n_ubatch = 512
-            cparams.kv_unified = False
+            cparams.kv_unified = True
             cparams.swa_full = config.swa_full
             cparams.flash_attn_type = 1 if fa else 0
             cparams.type_k = config.type_k.ggml_type
@@ -127,6 +129,8 @@ def main() -> int:
                 "kv": kv,
                 "fa": fa,
                 "swa_full": config.swa_full,
+                "kv_unified": True,
+                "n_seq_max": n_seq_max,
             }
             if not ctx:
                 row.update(refused_by_llama=True, refused_by_plan=refusal is not None)
@@ -169,6 +173,9 @@ def _planned(row: dict[str, Any], models: dict[str, Any]) -> dict[str, int] | st
         swa_full=row.get("swa_full", True),
         gpu_layers=-1,
         tensor_split=(1.0,),
+        # that run also used one KV stream per slot; later runs record the runtime's unified layout
+        kv_unified=row.get("kv_unified", False),
+        n_seq_max=row.get("n_seq_max", row["slots"]),
     )
     refusal = context_refusal(info, config)
     if refusal:

@@ -196,7 +196,7 @@ def render_table(model: ModelInfo, plan: Plan) -> str:
         f"{plan.kv_bytes_per_token} bytes/token, flash attention {'on' if plan.flash_attention else 'off'})",
         *(
             [
-                f"swa cache  {plan.swa_cells_per_slot} of {plan.kv_cells_per_slot} cells per slot on"
+                f"swa cache  {plan.swa_cells_per_slot} of {plan.kv_cells_per_slot} cells on"
                 " sliding-window layers (--swa-full keeps them all)"
             ]
             if 0 < plan.swa_cells_per_slot < plan.kv_cells_per_slot

@@ -103,7 +103,8 @@ def test_swa_full_is_planned_and_the_table_shows_the_window_cache(
     _, out, _ = run(capsys, *common, "--swa-full", "--output", "json")
     full = json.loads(out)
     assert small["swa_full"] is False and full["swa_full"] is True
-    assert small["swa_cells_per_slot"] < small["kv_cells_per_slot"] == full["swa_cells_per_slot"]
+    assert small["swa_cells_per_slot"] < small["kv_cells_per_slot"]
+    assert full["swa_cells_per_slot"] == full["kv_cells_per_slot"]
     assert small["memory"]["kv_per_slot_bytes"] < full["memory"]["kv_per_slot_bytes"]
     assert small["num_parallel"] > full["num_parallel"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from parallama_runtime.cli import main as cli_main
@@ -19,6 +20,7 @@ from parallama_runtime.planning.memory import (
     context_refusal,
     estimate_memory,
     kv_cells_per_slot,
+    sequence_ids,
 )
 from parallama_runtime.planning.model_info import model_info_from_metadata
 from parallama_runtime.planning.planner import Node, PlanRequest, make_plan
@@ -85,15 +87,95 @@ def test_an_architecture_without_rules_is_named_never_planned(
 
 @pytest.mark.parametrize(("num_ctx", "slots"), [(4096, 4), (1000, 3), (300, 7), (8192, 1)])
 def test_unified_cache_is_one_stream_of_all_cells(num_ctx: int, slots: int) -> None:
+    """The runtime's layout (the default): one pool of ``num_ctx x slots`` cells padded to 256, where
+    a stream per slot pads every slot's share."""
     per_slot = kv_cells_per_slot(num_ctx, slots)
     unified = kv_cells_per_slot(num_ctx, slots, unified=True)
     assert per_slot % 256 == 0 and unified % 256 == 0
     assert per_slot >= num_ctx and unified >= num_ctx * slots
     model = model_info_from_metadata(llama(embedding_length=4096))
-    split = estimate_memory(model, MemoryConfig(num_ctx=num_ctx, num_parallel=slots))
-    pooled = estimate_memory(model, MemoryConfig(num_ctx=num_ctx, num_parallel=slots, kv_unified=True))
+    split = estimate_memory(model, MemoryConfig(num_ctx=num_ctx, num_parallel=slots, kv_unified=False))
+    pooled = estimate_memory(model, MemoryConfig(num_ctx=num_ctx, num_parallel=slots))
+    assert MemoryConfig().kv_unified
+    assert (split.kv_cells_per_slot, pooled.kv_cells_per_slot) == (per_slot, unified)
     assert split.kv_cache_bytes == split.kv_bytes_per_token * per_slot * slots
     assert pooled.kv_cache_bytes == pooled.kv_bytes_per_token * unified
+
+
+def test_the_unified_pool_scores_every_cell_without_flash_attention() -> None:
+    """In one stream every token's KQ row spans the whole pool: without flash attention the compute
+    buffer grows with the slots (the KQ matrix, n_head x pool cells per token), where a stream per
+    slot kept it at one slot's cells. Flash attention keeps only the mask (f16, one row per token)."""
+    model = model_info_from_metadata(llama(embedding_length=4096))
+
+    def compute(slots: int, *, unified: bool, fa: bool) -> int:
+        config = MemoryConfig(
+            num_ctx=4096, num_parallel=slots, flash_attention=fa, kv_unified=unified, n_seq_max=slots
+        )
+        return estimate_memory(model, config).compute_bytes
+
+    kq = 4096 * 32 * 512 * 4  # one slot's cells x heads x micro-batch, f32
+    assert compute(4, unified=False, fa=False) == compute(1, unified=False, fa=False)
+    assert compute(4, unified=True, fa=False) - compute(1, unified=True, fa=False) >= 3 * kq
+    mask = 4096 * 512 * 2  # one slot's cells x micro-batch, f16
+    assert 0 <= compute(4, unified=True, fa=True) - compute(1, unified=True, fa=True) <= 3 * mask
+
+
+def test_sequence_ids_the_runtime_gives() -> None:
+    """More sequence ids than slots only where no buffer grows with them but the logits and the
+    reserved batch's rounding: not with recurrent state nor with a small sliding-window cache."""
+
+    def ids(slots: int, **flags: Any) -> int:
+        return sequence_ids(slots, **{"recurrent": False, "sliding_window": 0, "swa_full": False, **flags})
+
+    assert [ids(slots) for slots in (1, 4, 5, 8, 9, 64, 100)] == [16, 16, 32, 32, 64, 256, 256]
+    assert ids(4, prompt_cache=False) == 4
+    assert ids(4, recurrent=True) == 4
+    assert ids(4, sliding_window=4096) == 4 and ids(4, sliding_window=4096, swa_full=True) == 16
+    # the plan applies the rule to the model's layout unless n_seq_max is given
+    gemma2 = model_info_from_metadata(llama(architecture="gemma2", embedding_length=2048, head_count=8))
+    assert gemma2.layout.has_swa
+    assert estimate_memory(gemma2, MemoryConfig(num_parallel=4)).n_seq_max == 4
+    assert estimate_memory(gemma2, MemoryConfig(num_parallel=4, swa_full=True)).n_seq_max == 16
+    mamba = model_info_from_metadata(
+        {
+            "architecture": "mamba",
+            "block_count": 2,
+            "embedding_length": 256,
+            "head_count": 0,
+            "context_length": 4096,
+            "size_bytes": 10_000_000,
+            "gguf": {
+                "ssm.conv_kernel": 4,
+                "ssm.inner_size": 512,
+                "ssm.state_size": 16,
+                "ssm.time_step_rank": 16,
+            },
+        }
+    )
+    assert estimate_memory(mamba, MemoryConfig(num_parallel=4)).n_seq_max == 4
+    dense = model_info_from_metadata(llama())
+    assert estimate_memory(dense, MemoryConfig(num_parallel=4)).n_seq_max == 16
+    assert estimate_memory(dense, MemoryConfig(num_parallel=4, kv_unified=False)).n_seq_max == 4
+    assert estimate_memory(dense, MemoryConfig(num_parallel=4, n_seq_max=7)).n_seq_max == 7
+
+
+def test_extra_sequence_ids_in_the_plan() -> None:
+    """A plan for 4 slots of a dense model assumes the runtime's 16 ids: the same KV pool, a row of
+    logits per id (host memory beside a GPU), and a reserved batch rounded up to a multiple of them."""
+    model = model_info_from_metadata(llama(vocab_size=32000))
+    plan = estimate_memory(model, MemoryConfig(num_ctx=4096, num_parallel=4))
+    four = estimate_memory(model, MemoryConfig(num_ctx=4096, num_parallel=4, n_seq_max=4))
+    assert (plan.n_seq_max, four.n_seq_max) == (16, 4)
+    assert plan.kv_cache_bytes == four.kv_cache_bytes and plan.compute_bytes == four.compute_bytes
+    assert plan.output_buffer_bytes == 4 * 32000 * 16 and plan.host_bytes - four.host_bytes == 4 * 32000 * 12
+    assert plan.total_bytes == four.total_bytes  # GPU memory: the logits live in host memory
+    cpu = estimate_memory(model, MemoryConfig(num_ctx=4096, num_parallel=4, gpu_layers=0))
+    assert cpu.devices[0].output_bytes == plan.output_buffer_bytes and cpu.host_bytes == 0
+    twenty = estimate_memory(model, MemoryConfig(num_ctx=4096, num_parallel=4, n_seq_max=20))
+    assert twenty.compute_bytes > plan.compute_bytes  # 520 tokens reserved for a 512-token micro-batch
+    with pytest.raises(ValueError, match="n_seq_max"):
+        estimate_memory(model, MemoryConfig(num_parallel=4, n_seq_max=3))
 
 
 def test_deepseek_conversions_cache_what_llama_cpp_caches() -> None:

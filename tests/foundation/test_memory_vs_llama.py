@@ -3,6 +3,8 @@
 llama.cpp reports each buffer it allocates in its log (MiB, two decimals) and the KV cache's cell
 and layer counts. The KV cache must match exactly: the same cell count, and the same size at the
 printed precision for K, V and their sum. Weights must be within 1 %, the compute buffer within 10 %.
+Contexts are created as the runtime does (one unified KV pool of ``num_ctx x slots`` cells) and, for
+comparison, with a KV stream per slot.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def test_weights_within_one_percent(loaded: tuple[ModelInfo, Any, list[str]]) ->
     assert abs(planned - reported) / reported < 0.01
 
 
+@pytest.mark.parametrize("unified", [True, False], ids=["unified", "streams"])
 @pytest.mark.parametrize("num_ctx", [512, 2048, 4096])
 @pytest.mark.parametrize("slots", [1, 2, 4])
 @pytest.mark.parametrize(("kv_type", "flash_attention"), [("f16", False), ("q8_0", True)])
@@ -85,6 +88,7 @@ def test_kv_exact_and_compute_within_ten_percent(
     slots: int,
     kv_type: str,
     flash_attention: bool,
+    unified: bool,
 ) -> None:
     info, model, _ = loaded
     config = MemoryConfig(
@@ -93,11 +97,13 @@ def test_kv_exact_and_compute_within_ten_percent(
         kv_cache_type=KVCacheType(kv_type),
         flash_attention=flash_attention,
         gpu_layers=0,
+        kv_unified=unified,
+        n_seq_max=slots,
     )
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = num_ctx * slots
     params.n_seq_max = slots
-    params.kv_unified = False
+    params.kv_unified = unified
     params.n_batch = params.n_ubatch = config.n_ubatch
     params.flash_attn_type = 1 if flash_attention else 0
     params.type_k = config.type_k.ggml_type
@@ -113,12 +119,13 @@ def test_kv_exact_and_compute_within_ten_percent(
 
     kv = reports.kv
     assert kv is not None, "llama.cpp printed no KV cache summary"
-    assert kv.cells == kv_cells_per_slot(num_ctx, slots) == planned.kv_cells_per_slot
-    assert kv.seqs == slots
+    assert kv.cells == kv_cells_per_slot(num_ctx, slots, unified=unified) == planned.kv_cells_per_slot
+    streams = 1 if unified else slots
+    assert kv.seqs == streams
     assert kv.layers == info.block_count
     assert (kv.type_k, kv.type_v) == (config.type_k.value, config.type_v.value)
     # exact at llama.cpp's printed precision: the total, the buffer, and K and V on their own
-    cells = planned.kv_cells_per_slot * slots
+    cells = planned.kv_cells_per_slot * streams
     planned_k = sum(row_size(config.type_k, info.k_elements(i)) for i in range(info.block_count)) * cells
     planned_v = sum(row_size(config.type_v, info.v_elements(i)) for i in range(info.block_count)) * cells
     assert planned_k + planned_v == planned.kv_cache_bytes

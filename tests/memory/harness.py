@@ -5,6 +5,11 @@ log (MiB with two decimals) and the cell counts of its caches; the bytes of one 
 the byte from the growth of a sequence's saved state (llama.cpp serialises a sequence's cells with
 their K and V rows, plus 12 bytes of cell metadata per cell), and a sequence's recurrent state
 from its saved size.
+
+The runtime's layout, and so the default here, is one unified KV pool (``kv_unified = true``,
+``n_ctx = num_ctx x slots`` in one stream) with ``n_seq_max`` sequence ids; a :class:`Setting` can
+also ask for the per-sequence streams llama.cpp gives without ``kv_unified``, and for more sequence
+ids than slots (the runtime's prompt cache).
 """
 
 from __future__ import annotations
@@ -20,7 +25,16 @@ import llama_cpp
 from parallama_runtime.engine.llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
 from parallama_runtime.planning.memory import KVCacheType, MemoryConfig
 
-__all__ = ["COMPUTE_TOLERANCE", "PRINTED", "Measured", "Setting", "capture", "load", "measure"]
+__all__ = [
+    "COMPUTE_TOLERANCE",
+    "PRINTED",
+    "Measured",
+    "Setting",
+    "capture",
+    "load",
+    "measure",
+    "measure_setting",
+]
 
 MiB = 1024 * 1024
 CELL_METADATA_BYTES = 12
@@ -40,6 +54,14 @@ class Setting:
     kv: KVCacheType
     flash_attention: bool
     swa_full: bool = False
+    unified: bool = True
+    """One KV stream for every sequence (the runtime's layout); False: a stream per sequence id."""
+    n_seq_max: int | None = None
+    """Sequence ids; None: one per slot."""
+
+    @property
+    def sequences(self) -> int:
+        return self.n_seq_max or self.slots
 
     def config(self) -> MemoryConfig:
         return MemoryConfig(
@@ -49,12 +71,16 @@ class Setting:
             flash_attention=self.flash_attention,
             gpu_layers=0,
             swa_full=self.swa_full,
+            kv_unified=self.unified,
+            n_seq_max=self.sequences,
         )
 
     def __str__(self) -> str:
         fa = "fa" if self.flash_attention else "nofa"
         full = "-swafull" if self.swa_full else ""
-        return f"{self.num_ctx}x{self.slots}-{self.kv.value}-{fa}{full}"
+        layout = "" if self.unified else "-streams"
+        seqs = f"-seq{self.n_seq_max}" if self.n_seq_max else ""
+        return f"{self.num_ctx}x{self.slots}-{self.kv.value}-{fa}{full}{layout}{seqs}"
 
 
 @functools.cache
@@ -109,6 +135,11 @@ class Measured:
     def compute_mib(self) -> float:
         return self.reports.total_mib("compute")
 
+    @property
+    def output_mib(self) -> float:
+        """The logits buffer (``llama_context::output_reserve``), host memory."""
+        return self.reports.total_mib("output")
+
 
 _ERROR = re.compile(
     r"(llama_init_from_model|llama_context|init):.*(requires|does not|cannot|failed|not support)"
@@ -124,18 +155,20 @@ def measure(
     type_v: KVCacheType = KVCacheType.F16,
     flash_attention: bool = True,
     swa_full: bool = False,
-    kv_unified: bool = False,
+    kv_unified: bool = True,
+    n_seq_max: int | None = None,
     n_ubatch: int = 512,
     state: bool = True,
 ) -> Measured:
-    """Create a context as the runtime would (``n_ctx = num_ctx * slots``, ``n_seq_max = slots``) and
-    read its allocations; with ``state``, decode one and then two more tokens in slot 0 to read the
-    bytes of a cell from the saved state's growth."""
+    """Create a context as the runtime would (``n_ctx = num_ctx * slots``, one unified KV pool,
+    ``n_seq_max`` sequence ids, one per slot by default) and read its allocations; with ``state``,
+    decode one and then two more tokens in sequence 0 to read the bytes of a cell from the saved
+    state's growth."""
     loaded = load(path)
     log = capture()
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = num_ctx * slots
-    params.n_seq_max = slots
+    params.n_seq_max = n_seq_max or slots
     params.n_batch = params.n_ubatch = n_ubatch
     params.kv_unified = kv_unified
     params.swa_full = swa_full
@@ -166,3 +199,23 @@ def measure(
         return measured
     finally:
         llama_cpp.llama_free(ctx)
+
+
+def measure_setting(path: Path, setting: Setting, *, state: bool = False) -> Measured:
+    """:func:`measure` with ``setting``'s context (and the V type the runtime picks for it)."""
+    # LlamaLogCapture trims its list past 20000 lines, which would shift the mark measure() takes
+    # after a few hundred contexts: start every reading from an empty list
+    capture().lines.clear()
+    config = setting.config()
+    return measure(
+        path,
+        num_ctx=setting.num_ctx,
+        slots=setting.slots,
+        type_k=config.type_k,
+        type_v=config.type_v,
+        flash_attention=setting.flash_attention,
+        swa_full=setting.swa_full,
+        kv_unified=setting.unified,
+        n_seq_max=setting.sequences,
+        state=state,
+    )

@@ -1,15 +1,22 @@
 """The memory model against llama.cpp for dense, sliding-window and mixture-of-experts models.
 
 Every family in :data:`DENSE` is a tiny random-weight GGUF (``tests/support/families/dense.py``);
-llama.cpp creates its context exactly as the runtime does (``memory/harness.py``) over a matrix of
-context sizes, slot counts, cache types, flash attention and ``swa_full``, and the plan must agree:
+llama.cpp creates its context exactly as the runtime does (``memory/harness.py``: one unified KV pool
+of ``num_ctx x slots`` cells) over a matrix of context sizes, slot counts, cache types, flash
+attention and ``swa_full``, and the plan must agree:
 
 * the cell counts of the full and the sliding-window caches, and their layer counts;
 * the K and V sizes of each cache at llama.cpp's printed precision (two decimals of a MiB), and the
   bytes of one cell to the byte (from the growth of a sequence's saved state);
 * the compute buffer within 10 % through the memory model, and to llama.cpp's printed precision from
   the replay of the architecture's graph (``graph_compute``) given the cache types;
+* the output (logits) buffer at the printed precision;
 * the same refusals: a q8_0/q4_0 K cache with flash attention for head sizes 80 and 48.
+
+The same matrix runs with a KV stream per slot (llama.cpp without ``kv_unified``, the runtime's
+layout before the unified pool); and with more sequence ids than slots (the runtime's prompt cache),
+which must change no cache and only what the plan says it changes: the compute buffer's reserved
+batch (rounded up to a multiple of the ids) and the output buffer.
 
 Plus the architecture rules that these files cannot reach (other architectures, edge cases of the
 sliding-window pattern), checked against the llama.cpp source they mirror.
@@ -33,8 +40,7 @@ from memory.harness import (  # noqa: E402
     Measured,
     MiB,
     Setting,
-    capture,
-    measure,
+    measure_setting,
 )
 from parallama_runtime.planning.architectures import (  # noqa: E402
     CacheLayout,
@@ -49,6 +55,7 @@ from parallama_runtime.planning.memory import (  # noqa: E402
     context_refusal,
     estimate_memory,
     kv_cells_per_slot,
+    output_buffer_bytes,
     row_size,
     swa_cells_per_slot,
 )
@@ -81,18 +88,43 @@ ODD_HEADS = {"llama-hd80": 80, "llama-hd48": 48}
 load_all()
 
 
-def _settings(name: str) -> list[Setting]:
+def _settings(name: str, *, unified: bool = True) -> list[Setting]:
     kv_modes = [(KVCacheType.F16, False), (KVCacheType.F16, True), (KVCacheType.Q8_0, True)]
     if name in ODD_HEADS:
         kv_modes.append((KVCacheType.Q4_0, True))
     swa_full = (False, True) if "swa" in FAMILIES[name].features else (False,)
     return [
-        Setting(num_ctx, slots, kv, fa, full)
+        Setting(num_ctx, slots, kv, fa, full, unified=unified)
         for num_ctx, slots, (kv, fa), full in itertools.product((512, 2048), (1, 4), kv_modes, swa_full)
     ]
 
 
-CASES = [pytest.param(name, setting, id=f"{name}-{setting}") for name in DENSE for setting in _settings(name)]
+MORE_IDS = ("llama", "qwen2", "qwen3moe", "gemma3", "gpt-oss")
+"""Families checked with more sequence ids than slots: plain dense, biased, mixture of experts, and
+two sliding-window ones (whose small cache grows with the ids in a unified pool, which is why the
+runtime gives them none: the plan must still say what llama.cpp does)."""
+
+
+def _more_ids(name: str) -> list[Setting]:
+    # 16 ids divide the 512-token micro-batch; 20 and 28 round it up to 520 and 532 tokens
+    return [
+        Setting(num_ctx, 4, kv, fa, full, n_seq_max=ids)
+        for num_ctx, (kv, fa), full, ids in itertools.product(
+            (512, 2048),
+            [(KVCacheType.F16, False), (KVCacheType.Q8_0, True)],
+            (False, True) if "swa" in FAMILIES[name].features else (False,),
+            (16, 20, 28),
+        )
+    ]
+
+
+ALL_SETTINGS = {
+    name: _settings(name) + _settings(name, unified=False) + (_more_ids(name) if name in MORE_IDS else [])
+    for name in DENSE
+}
+CASES = [
+    pytest.param(name, setting, id=f"{name}-{setting}") for name in DENSE for setting in ALL_SETTINGS[name]
+]
 
 
 @pytest.fixture(scope="module")
@@ -107,20 +139,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Mo
 
 
 def _measure(path: Path, setting: Setting, *, state: bool = False) -> Measured:
-    # LlamaLogCapture trims its list past 20000 lines, which would shift the mark measure() takes
-    # after a few hundred contexts: start every reading from an empty list
-    capture().lines.clear()
-    config = setting.config()
-    return measure(
-        path,
-        num_ctx=setting.num_ctx,
-        slots=setting.slots,
-        type_k=config.type_k,
-        type_v=config.type_v,
-        flash_attention=setting.flash_attention,
-        swa_full=setting.swa_full,
-        state=state,
-    )
+    return measure_setting(path, setting, state=state)
 
 
 def _planned_caches(
@@ -135,7 +154,7 @@ def _planned_caches(
         k = sum(row_size(config.type_k, layer.k_elements) for layer in layers)
         v_widths = [layer.v_elements if setting.flash_attention else widest_v for layer in layers]
         v = sum(row_size(config.type_v, width) for width in v_widths)
-        streams = setting.slots
+        streams = 1 if setting.unified else setting.sequences
         caches.append({"layers": len(layers), "k": k * n_cells * streams, "v": v * n_cells * streams})
     return caches
 
@@ -158,7 +177,10 @@ def test_plan_matches_llama_cpp(
     caches = measured.reports.kv_caches
     layout = info.layout
     assert len(caches) == (2 if layout.has_swa else 1)
+    assert {cache.seqs for cache in caches} == {1 if setting.unified else setting.sequences}  # streams
     assert caches[0].cells == estimate.kv_cells_per_slot
+    if setting.unified:
+        assert estimate.kv_cells_per_slot >= setting.num_ctx * setting.slots  # one pool for every slot
     if layout.has_swa:
         assert caches[1].cells == estimate.swa_cells_per_slot
 
@@ -173,8 +195,41 @@ def test_plan_matches_llama_cpp(
         caches
     )
 
+    assert estimate.output_buffer_bytes == output_buffer_bytes(info, setting.sequences)
+    assert abs(measured.output_mib - estimate.output_buffer_bytes / MiB) <= PRINTED
+    assert [d.output_bytes for d in estimate.devices] == [estimate.output_buffer_bytes]  # a CPU plan
+
     ratio = estimate.compute_bytes / (measured.compute_mib * MiB)
     assert abs(ratio - 1) <= COMPUTE_TOLERANCE, f"compute: planned/llama.cpp = {ratio:.3f}"
+
+
+@pytest.mark.parametrize("name", MORE_IDS)
+def test_more_sequence_ids_change_only_what_the_plan_says(
+    models: dict[str, tuple[Path, ModelInfo]], name: str
+) -> None:
+    """The runtime's prompt cache gives a unified pool more sequence ids than slots. In llama.cpp that
+    changes no full-attention cache (one stream of num_ctx x slots cells whatever the ids); it splits
+    the reserved graph's micro-batch over the ids (its tokens round up to a multiple of them) and
+    keeps a row of logits per id. A small sliding-window cache holds a window per id: the runtime
+    gives those models no extra ids, and the plan grows it as llama.cpp does."""
+    path, info = models[name]
+    settings = {ids: Setting(2048, 4, KVCacheType.F16, False, n_seq_max=ids) for ids in (4, 16, 20)}
+    measured = {ids: _measure(path, setting) for ids, setting in settings.items()}
+    plans = {ids: estimate_memory(info, setting.config()) for ids, setting in settings.items()}
+    full = {(m.reports.kv_caches[0].cells, m.reports.kv_caches[0].mib) for m in measured.values()}
+    assert len(full) == 1 and {p.kv_cells_per_slot for p in plans.values()} == {2048 * 4}
+    if info.layout.has_swa:
+        windows = [m.reports.kv_caches[1].cells for m in measured.values()]
+        assert windows == [p.swa_cells_per_slot for p in plans.values()]
+        assert windows[0] < windows[-1]  # a window per sequence id
+    else:
+        assert len({p.kv_cache_bytes for p in plans.values()}) == 1
+        # 4 and 16 ids divide the 512-token micro-batch: the same graph; 20 ids reserve 520 tokens
+        assert measured[4].compute_mib == measured[16].compute_mib < measured[20].compute_mib
+        assert plans[4].compute_bytes == plans[16].compute_bytes < plans[20].compute_bytes
+    for ids, m in measured.items():
+        assert abs(m.output_mib - 4 * info.vocab_size * ids / MiB) <= PRINTED
+        assert plans[ids].output_buffer_bytes == 4 * info.vocab_size * ids
 
 
 @dataclass(frozen=True)
@@ -188,7 +243,7 @@ class _TypedQuery(ComputeQuery):
 REPLAY_CASES = [
     pytest.param(name, setting, id=f"{name}-{setting}")
     for name in DENSE
-    for setting in _settings(name)
+    for setting in ALL_SETTINGS[name]
     if setting.slots == 4 or setting.swa_full
 ] + [
     pytest.param(name, Setting(num_ctx, 1, KVCacheType.Q8_0, False), id=f"{name}-{num_ctx}x1-q8_0k-nofa")
@@ -211,14 +266,18 @@ def test_compute_replay_to_the_printed_mib(
     assert measured.refused is None, measured.refused
     query = _TypedQuery(
         n_ubatch=config.effective_n_ubatch,
-        n_seqs=setting.slots,
-        n_kv=kv_cells_per_slot(setting.num_ctx, setting.slots),
+        n_seqs=setting.sequences,
+        n_kv=kv_cells_per_slot(
+            setting.num_ctx, setting.slots, unified=setting.unified, n_seq_max=setting.sequences
+        ),
         n_kv_swa=swa_cells_per_slot(
             info.layout,
             setting.num_ctx,
             setting.slots,
             n_ubatch=config.effective_n_ubatch,
             swa_full=setting.swa_full,
+            unified=setting.unified,
+            n_seq_max=setting.sequences,
         ),
         flash_attention=setting.flash_attention,
         with_output=True,

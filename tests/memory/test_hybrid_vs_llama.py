@@ -1,12 +1,14 @@
 """The memory model against llama.cpp for hybrid models: attention layers mixed with recurrent ones.
 
 Every family in :data:`HYBRID` is a tiny random-weight GGUF (``tests/support/families/hybrid.py``);
-llama.cpp creates its context exactly as the runtime does (``memory/harness.py``) over a matrix of
-context sizes, slot counts, cache types and flash attention, and the plan must agree:
+llama.cpp creates its context exactly as the runtime does (``memory/harness.py``: one unified KV pool
+of ``num_ctx x slots`` cells, a sequence id per slot) over a matrix of context sizes, slot counts,
+cache types and flash attention, and again with a KV stream per slot (llama.cpp without
+``kv_unified``) and with more sequence ids than slots; the plan must agree:
 
 * the KV caches: their cell counts and layer counts (which layers ``create_memory``'s ``filter_attn``
   keeps), their sizes at llama.cpp's printed precision, and one cell's bytes to the byte;
-* the recurrent state: its cell count (one per slot), the R (conv) and S (SSM) sizes at the printed
+* the recurrent state: its cell count (one per sequence id), the R (conv) and S (SSM) sizes at the printed
   precision, and to the byte through a sequence's saved state, whose layout mirrors
   ``llama_memory_hybrid::state_write`` (the KV cache's cells, then the recurrent cell's R and S rows
   of every layer ``filter_recr`` keeps);
@@ -27,7 +29,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the runtime extra (llama-cpp-python) is not installed")
 
-from memory.harness import COMPUTE_TOLERANCE, PRINTED, Measured, MiB, Setting, capture, measure  # noqa: E402
+from memory.harness import COMPUTE_TOLERANCE, PRINTED, Measured, MiB, Setting, measure_setting  # noqa: E402
 from parallama_runtime.planning.architectures import CacheLayout, Hparams, cache_layout  # noqa: E402
 from parallama_runtime.planning.errors import UnsupportedModelError  # noqa: E402
 from parallama_runtime.planning.memory import (  # noqa: E402
@@ -57,10 +59,18 @@ load_all()
 
 
 SETTINGS = [
-    Setting(num_ctx, slots, kv, fa)
-    for num_ctx, slots, (kv, fa) in itertools.product(
-        (512, 2048), (1, 4), [(KVCacheType.F16, False), (KVCacheType.F16, True), (KVCacheType.Q8_0, True)]
+    Setting(num_ctx, slots, kv, fa, unified=unified)
+    for unified, num_ctx, slots, (kv, fa) in itertools.product(
+        (True, False),
+        (512, 2048),
+        (1, 4),
+        [(KVCacheType.F16, False), (KVCacheType.F16, True), (KVCacheType.Q8_0, True)],
     )
+] + [
+    # the runtime gives these models one sequence id per slot (every id keeps a recurrent state); what
+    # more ids would cost must still be what llama.cpp allocates
+    Setting(2048, 2, kv, fa, n_seq_max=ids)
+    for (kv, fa), ids in itertools.product([(KVCacheType.F16, False), (KVCacheType.F16, True)], (8, 20))
 ]
 CASES = [pytest.param(name, setting, id=f"{name}-{setting}") for name in HYBRID for setting in SETTINGS]
 
@@ -77,17 +87,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Mo
 
 
 def _measure(path: Path, setting: Setting, *, state: bool = True) -> Measured:
-    capture().lines.clear()  # see test_dense_vs_llama: keep measure()'s log mark valid
-    config = setting.config()
-    return measure(
-        path,
-        num_ctx=setting.num_ctx,
-        slots=setting.slots,
-        type_k=config.type_k,
-        type_v=config.type_v,
-        flash_attention=setting.flash_attention,
-        state=state,
-    )
+    return measure_setting(path, setting, state=state)
+
+
+def _streams(setting: Setting) -> int:
+    return 1 if setting.unified else setting.sequences
 
 
 def _caches(layout: CacheLayout) -> list[list[Any]]:
@@ -110,9 +114,8 @@ def _planned_kv(layout: CacheLayout, setting: Setting, cells: list[int]) -> list
             row_size(config.type_v, layer.v_elements if setting.flash_attention else widest_v)
             for layer in layers
         )
-        planned.append(
-            {"layers": len(layers), "k": k * n_cells * setting.slots, "v": v * n_cells * setting.slots}
-        )
+        streams = _streams(setting)
+        planned.append({"layers": len(layers), "k": k * n_cells * streams, "v": v * n_cells * streams})
     return planned
 
 
@@ -123,7 +126,8 @@ def _saved_state_bytes(layout: CacheLayout, setting: Setting, tokens: int) -> in
     ``state_write``: for a hybrid model the attention part, then the recurrent part.
 
     * ``llama_kv_cache::state_write`` (once per cache; base then sliding with a window): the stream
-      count, a cell count per stream (slot 0's stream holds the cells, the others none); per cell its
+      count (one in the unified pool), a cell count per stream (only sequence 0's stream holds its
+      cells); per cell its
       position, its sequence count and the sequence; then ``v_trans`` and the layer count, and per
       layer a K header (type, row size) and K rows, then a V header (type and row size; or type, element
       size and width when transposed: 12 bytes either way) and the V values, unpadded.
@@ -134,7 +138,7 @@ def _saved_state_bytes(layout: CacheLayout, setting: Setting, tokens: int) -> in
     config = setting.config()
     total = 4 + 4
     for layers in _caches(layout):
-        total += 4 + 4 * setting.slots + tokens * 12 + 4 + 4
+        total += 4 + 4 * _streams(setting) + tokens * 12 + 4 + 4
         for layer in layers:
             total += 12 + row_size(config.type_k, layer.k_elements) * tokens
             total += 12 + row_size(config.type_v, layer.v_elements) * tokens
@@ -160,10 +164,11 @@ def test_plan_matches_llama_cpp(
     estimate = estimate_memory(info, config)
     layout = info.layout
 
-    # KV caches: cells, layers, sizes, and one cell to the byte
+    # KV caches: cells, streams, layers, sizes, and one cell to the byte
     caches = measured.reports.kv_caches
     cells = [estimate.kv_cells_per_slot] + ([estimate.swa_cells_per_slot] if layout.has_swa else [])
     assert [cache.cells for cache in caches] == cells
+    assert {cache.seqs for cache in caches} == {_streams(setting)}
     planned = _planned_kv(layout, setting, cells)
     for cache, plan in zip(caches, planned, strict=True):
         assert cache.layers == plan["layers"]
@@ -180,10 +185,10 @@ def test_plan_matches_llama_cpp(
     )
     assert measured.kv_cell_bytes == one_cell - 12  # the harness subtracts one cell's metadata
 
-    # recurrent state: one cell per slot, R and S rows of every recurrent layer, to the byte
+    # recurrent state: one cell per sequence id, R and S rows of every recurrent layer, to the byte
     recurrent = measured.reports.recurrent
     assert recurrent is not None
-    assert recurrent.cells == max(1, setting.slots)
+    assert recurrent.cells == setting.sequences
     rows = [layer for layer in layout.layers if layer.is_recurrent]
     r_bytes = sum(4 * layer.r_elements for layer in rows) * recurrent.cells
     s_bytes = sum(4 * layer.s_elements for layer in rows) * recurrent.cells
@@ -191,6 +196,8 @@ def test_plan_matches_llama_cpp(
     assert abs(recurrent.s_mib - s_bytes / MiB) <= PRINTED
     assert estimate.recurrent_bytes == r_bytes + s_bytes
     assert measured.seq_state_bytes == _saved_state_bytes(layout, setting, tokens=1)
+
+    assert abs(measured.output_mib - estimate.output_buffer_bytes / MiB) <= PRINTED
 
     ratio = estimate.compute_bytes / (measured.compute_mib * MiB)
     assert abs(ratio - 1) <= COMPUTE_TOLERANCE, f"compute: planned/llama.cpp = {ratio:.3f}"

@@ -1,17 +1,21 @@
 """The memory model against llama.cpp for multi-head latent attention and pure recurrent models.
 
 Every family is a tiny random-weight GGUF (``tests/support/families/mla_recurrent.py``); llama.cpp
-creates its context exactly as the runtime does (``memory/harness.py``) and the plan must agree:
+creates its context exactly as the runtime does (``memory/harness.py``: one unified KV pool of
+``num_ctx x slots`` cells), and also with a KV stream per slot (without ``kv_unified``) and with more
+sequence ids than slots, and the plan must agree:
 
 * DeepSeek-2 (the MLA conversion, the older one, one with a NextN layer, and mistral4): the KV cache's
   cells and layers, its size at llama.cpp's printed precision, one cell's bytes to the byte (from a
   sequence's saved state), no V cache with MLA, and the same refusals: llama.cpp refuses MLA with K
   and V types that differ, which is what the runtime asks for with a quantized cache and no flash
   attention (it keeps V in f16 then);
-* Mamba, Mamba-2, RWKV-6/7 and their Qwen2 variants: one state cell per slot, the R and S rows of
-  every layer to the byte (parsed from ``llama_memory_recurrent::state_write``'s output) and at the
-  printed precision, and nothing that depends on ``num_ctx``;
-* the CPU compute buffer within 10 % over num_ctx 512/2048, 1/2/4 slots, flash attention on and off.
+* Mamba, Mamba-2, RWKV-6/7 and their Qwen2 variants: one state cell per sequence id, the R and S
+  rows of every layer to the byte (parsed from ``llama_memory_recurrent::state_write``'s output) and
+  at the printed precision, and nothing that depends on ``num_ctx``;
+* the CPU compute buffer within 10 % over num_ctx 512/2048, 1/2/4 slots, flash attention on and
+  off, unified or not, and with 16 or 20 sequence ids for 4 slots;
+* the output (logits) buffer at the printed precision.
 
 Plus the per-token KV bytes of DeepSeek-R1's shape in both conversions, from its metadata alone.
 """
@@ -28,7 +32,16 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the runtime extra (llama-cpp-python) is not installed")
 
-from memory.harness import COMPUTE_TOLERANCE, PRINTED, MiB, Setting, capture, load, measure  # noqa: E402
+from memory.harness import (  # noqa: E402
+    COMPUTE_TOLERANCE,
+    PRINTED,
+    MiB,
+    Setting,
+    capture,
+    load,
+    measure,
+    measure_setting,
+)
 from parallama_runtime.planning.memory import (  # noqa: E402
     KVCacheType,
     MemoryConfig,
@@ -48,7 +61,7 @@ RECURRENT = ("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7")
 load_all()
 
 
-KV_SETTINGS = (
+_KV_BASE = (
     Setting(512, 1, KVCacheType.F16, True),
     Setting(2048, 2, KVCacheType.F16, False),
     Setting(512, 4, KVCacheType.Q8_0, True),
@@ -56,10 +69,19 @@ KV_SETTINGS = (
     Setting(512, 1, KVCacheType.Q8_0, False),  # MLA: K q8_0 with V f16, refused by llama.cpp
     Setting(512, 2, KVCacheType.F32, False),
 )
+KV_SETTINGS = (
+    *_KV_BASE,
+    *(Setting(s.num_ctx, s.slots, s.kv, s.flash_attention, unified=False) for s in _KV_BASE),
+    Setting(2048, 4, KVCacheType.F16, False, n_seq_max=16),
+    Setting(2048, 4, KVCacheType.Q8_0, True, n_seq_max=20),
+)
 
 COMPUTE_SETTINGS = tuple(
-    Setting(ctx, slots, KVCacheType.F16, fa)
-    for ctx, slots, fa in itertools.product((512, 2048), (1, 2, 4), (True, False))
+    Setting(ctx, slots, KVCacheType.F16, fa, unified=unified)
+    for unified, ctx, slots, fa in itertools.product((True, False), (512, 2048), (1, 2, 4), (True, False))
+) + tuple(
+    Setting(ctx, 4, KVCacheType.F16, fa, n_seq_max=ids)
+    for ctx, fa, ids in itertools.product((512, 2048), (True, False), (16, 20))
 )
 
 
@@ -84,14 +106,7 @@ def info(path: Path) -> ModelInfo:
 def test_mla_kv_cache_to_the_byte(models: dict[str, Path], name: str, setting: Setting) -> None:
     model = info(models[name])
     config = setting.config()
-    measured = measure(
-        models[name],
-        num_ctx=setting.num_ctx,
-        slots=setting.slots,
-        type_k=config.type_k,
-        type_v=config.type_v,
-        flash_attention=setting.flash_attention,
-    )
+    measured = measure_setting(models[name], setting, state=True)
     refusal = context_refusal(model, config)
     assert (measured.refused is None) == (refusal is None), (measured.refused, refusal)
     if refusal is not None:
@@ -100,10 +115,12 @@ def test_mla_kv_cache_to_the_byte(models: dict[str, Path], name: str, setting: S
     estimate = estimate_memory(model, config)
     (kv,) = measured.reports.kv_caches
     assert kv.cells == estimate.kv_cells_per_slot
+    assert kv.seqs == (1 if setting.unified else setting.sequences)  # streams
     assert kv.layers == sum(layer.in_kv_cache for layer in model.layout.layers)
     assert measured.kv_cell_bytes == estimate.kv_bytes_per_token
     assert abs(estimate.kv_cache_bytes / MiB - kv.mib) <= PRINTED
     assert kv.type_k == config.type_k.value and kv.type_v == config.type_v.value
+    assert abs(measured.output_mib - estimate.output_buffer_bytes / MiB) <= PRINTED
     if model.layout.is_mla:
         assert kv.v_mib == 0  # V is a view of K
         assert model.layout.notes == ()
@@ -176,7 +193,9 @@ def test_deepseek_r1_bytes_per_token() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def recurrent_rows(path: Path, *, num_ctx: int, slots: int) -> tuple[list[tuple[int, int]], int]:
+def recurrent_rows(
+    path: Path, *, num_ctx: int, slots: int, unified: bool = True
+) -> tuple[list[tuple[int, int]], int]:
     """The R and S row bytes of every layer, and the cell count, read from a sequence's saved state.
 
     ``llama_context::state_seq_get_data`` writes a magic and the sequence id, then
@@ -190,7 +209,7 @@ def recurrent_rows(path: Path, *, num_ctx: int, slots: int) -> tuple[list[tuple[
     params.n_ctx = num_ctx * slots
     params.n_seq_max = slots
     params.n_batch = params.n_ubatch = 512
-    params.kv_unified = False
+    params.kv_unified = unified
     params.n_threads = params.n_threads_batch = 2
     ctx = llama_cpp.llama_init_from_model(loaded.model, params)
     assert ctx, "llama.cpp refused the context"
@@ -219,22 +238,32 @@ def recurrent_rows(path: Path, *, num_ctx: int, slots: int) -> tuple[list[tuple[
     return list(zip(rows[0], rows[1], strict=True)), cells
 
 
-@pytest.mark.parametrize("slots", (1, 4))
+@pytest.mark.parametrize(
+    "setting",
+    [
+        Setting(512, 1, KVCacheType.F16, True),
+        Setting(512, 4, KVCacheType.F16, True),
+        Setting(512, 4, KVCacheType.F16, True, unified=False),
+        Setting(512, 2, KVCacheType.F16, True, n_seq_max=6),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("name", RECURRENT)
-def test_recurrent_state_to_the_byte(models: dict[str, Path], name: str, slots: int) -> None:
+def test_recurrent_state_to_the_byte(models: dict[str, Path], name: str, setting: Setting) -> None:
+    """One state per sequence id (rs_size = n_seq_max), unified pool or not: the reason the runtime
+    gives recurrent models no more sequence ids than slots."""
     model = info(models[name])
     layers = [layer for layer in model.layout.layers if layer.is_recurrent]
     assert not model.layout.has_attention
-    rows, cells = recurrent_rows(models[name], num_ctx=512, slots=slots)
+    rows, cells = recurrent_rows(models[name], num_ctx=512, slots=setting.slots, unified=setting.unified)
     assert cells == 1  # the one sequence that decoded
     assert rows == [(4 * layer.r_elements, 4 * layer.s_elements) for layer in layers]
 
-    config = Setting(512, slots, KVCacheType.F16, True).config()
-    estimate = estimate_memory(model, config)
-    measured = measure(models[name], num_ctx=512, slots=slots)
+    estimate = estimate_memory(model, setting.config())
+    measured = measure_setting(models[name], setting, state=True)
     state = measured.reports.recurrent
     assert state is not None and not measured.reports.kv_caches
-    assert state.cells == max(1, slots) and state.layers == len(layers)
+    assert state.cells == setting.sequences and state.layers == len(layers)
     assert abs(sum(4 * layer.r_elements for layer in layers) * state.cells / MiB - state.r_mib) <= PRINTED
     assert abs(sum(4 * layer.s_elements for layer in layers) * state.cells / MiB - state.s_mib) <= PRINTED
     assert (
@@ -271,13 +300,7 @@ def test_compute_buffer_within_tolerance(models: dict[str, Path], name: str) -> 
     model = info(models[name])
     misses = []
     for setting in COMPUTE_SETTINGS:
-        measured = measure(
-            models[name],
-            num_ctx=setting.num_ctx,
-            slots=setting.slots,
-            flash_attention=setting.flash_attention,
-            state=False,
-        )
+        measured = measure_setting(models[name], setting)
         assert measured.refused is None, measured.refused
         planned = estimate_memory(model, setting.config()).compute_bytes / MiB
         if abs(planned / measured.compute_mib - 1) > COMPUTE_TOLERANCE:

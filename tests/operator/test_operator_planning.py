@@ -94,7 +94,9 @@ def test_swa_full_is_planned() -> None:
     a = compute_plan(small, model_from_metadata(small) or _fail(), l40s)
     b = compute_plan(full, model_from_metadata(full) or _fail(), l40s)
     assert (a.swa_full, b.swa_full) == (False, True)
-    assert a.swa_cells_per_slot < a.kv_cells_per_slot == b.swa_cells_per_slot
+    # one unified pool of num_ctx x slots cells; the window cache is smaller unless swa_full
+    assert a.swa_cells_per_slot < a.kv_cells_per_slot == 32768 * a.num_parallel
+    assert b.swa_cells_per_slot == b.kv_cells_per_slot == 32768 * b.num_parallel
     assert a.num_parallel > b.num_parallel  # the point of the default: more slots
     # with the same slots the pods still differ (PARALLAMA_SWA_FULL): the hash must say so
     one = {"parallelism": {"numParallel": 1}}

@@ -141,7 +141,7 @@ def test_chat_turns_compute_only_what_is_new() -> None:
     system = [rng.randrange(1, 50) for _ in range(60)]
     histories = [list(system) for _ in range(8)]
     computed = 0
-    for turn in range(4):
+    for _turn in range(4):
         for user in range(8):
             message = [rng.randrange(1, 50) for _ in range(10)]
             prompt = histories[user] + message
@@ -174,8 +174,8 @@ def test_a_system_prompt_is_held_once_by_every_sequence_that_uses_it() -> None:
     cells = FakeCells(4 * 64)
     cache = PromptCache(cells, 16, 4 * 64, share=True)
     system = list(range(1, 41))
-    first = _run(cache, cells, system + [100], [101])
-    second = cache.acquire(system + [200, 201])
+    first = _run(cache, cells, [*system, 100], [101])
+    second = cache.acquire([*system, 200, 201])
     assert second.reused == len(system) and second.shared_from == first and second.seq_id != first
     assert cells.used == len(system) + 2  # the 40 cells of the system prompt exist once
     check_books(cache, cells)
@@ -186,7 +186,7 @@ def test_the_next_turn_continues_its_own_conversation_in_place() -> None:
     cache = PromptCache(cells, 8, 2 * 64, share=True)
     turn1 = list(range(1, 21))
     seq = _run(cache, cells, turn1, [30, 31])
-    placement = cache.acquire(turn1 + [30, 31, 40, 41])
+    placement = cache.acquire([*turn1, 30, 31, 40, 41])
     assert (placement.seq_id, placement.reused, placement.shared_from) == (seq, 22, None)
 
 

@@ -11,7 +11,8 @@ import ctypes
 from dataclasses import dataclass
 from typing import Any
 
-from .values import MAX_SEQUENCE_IDS, EngineConfig
+from ..planning.memory import sequence_ids as planned_sequence_ids
+from .values import EngineConfig
 
 __all__ = ["Batch", "LlamaMemory", "Vocab", "context_params", "model_params", "sequence_ids"]
 
@@ -36,17 +37,18 @@ def model_params(lib: Any, config: EngineConfig) -> tuple[Any, Any]:
 
 
 def sequence_ids(config: EngineConfig, *, recurrent: bool, sliding_window: int) -> int:
-    """How many sequence ids the context gets.
+    """How many sequence ids the context gets: the memory model's rule
+    (:func:`~parallama_runtime.planning.memory.sequence_ids`), so the plan describes this context.
 
-    ``num_parallel`` run at once; with the prompt cache on, models whose caches do not grow with
-    the number of sequences get three more per slot (at least 16), so that finished conversations
-    stay in the pool's free cells until the space is needed. Not for recurrent state (one state per
-    sequence id: more ids would be more memory than planned) nor for a small sliding-window cache
-    (its size is ``n_swa x n_seq_max`` plus a batch in a unified pool)."""
-    slots = config.num_parallel
-    if not config.prompt_cache or recurrent or (sliding_window > 0 and not config.swa_full):
-        return slots
-    return min(MAX_SEQUENCE_IDS, max(4 * slots, 16))
+    ``recurrent``: llama.cpp's ``llama_model_is_recurrent`` or ``_is_hybrid``; ``sliding_window``:
+    ``llama_model_n_swa``."""
+    return planned_sequence_ids(
+        config.num_parallel,
+        recurrent=recurrent,
+        sliding_window=sliding_window,
+        swa_full=config.swa_full,
+        prompt_cache=config.prompt_cache,
+    )
 
 
 def context_params(lib: Any, config: EngineConfig, n_seq_max: int, threads: int) -> Any:

@@ -19,9 +19,6 @@ a long prompt arrives: 256 tokens cost a few times one decode step on a CPU and 
 millisecond per token on a GPU, while still keeping the matrix products wide enough to be efficient.
 With nothing generating, prefill runs at the full batch size."""
 
-MAX_SEQUENCE_IDS = 256
-"""llama.cpp's ``LLAMA_MAX_SEQ``: a context holds at most this many sequence ids."""
-
 
 class EngineError(RuntimeError):
     """The engine cannot take or finish a request (not loaded, shutting down, decode failure)."""
@@ -77,6 +74,8 @@ class EngineConfig:
             n_ubatch=self.n_batch,
             swa_full=self.swa_full,
             kv_unified=True,
+            # the engine's ids: the memory model's rule with the cache on, one per slot without it
+            n_seq_max=None if self.prompt_cache else self.num_parallel,
         )
 
 

@@ -2,9 +2,11 @@
 
 This module is pure arithmetic over a :class:`~parallama_runtime.planning.model_info.ModelInfo` and
 its :class:`~parallama_runtime.planning.architectures.CacheLayout` (llama.cpp's per-architecture
-rules). It mirrors the allocations llama.cpp makes when the runtime creates its context
-(``n_ctx = num_ctx * slots``, ``n_seq_max = slots``) and is checked against llama.cpp's own buffer
-reports, family by family, in ``tests/memory``:
+rules). It mirrors the allocations llama.cpp makes when the runtime creates its context: one unified
+KV pool (``kv_unified = true``, ``n_ctx = num_ctx * slots`` in one stream, the scheduler holding each
+request to ``num_ctx``) and ``n_seq_max`` sequence ids (:func:`sequence_ids`: more than the slots
+where extra ids cost no memory, so that finished conversations stay cached). It is checked against
+llama.cpp's own buffer reports, family by family, in ``tests/memory``:
 
 * **weights**: the tensors' bytes, per layer, on the device that layer is assigned to, with
   llama.cpp's layer-to-device rule (``upper_bound`` over cumulative split fractions); the token
@@ -13,15 +15,19 @@ reports, family by family, in ``tests/memory``:
   a second time and the plan does not depend on the CPU's features (docs/memory-model.md).
 * **KV cache** (``llama-kv-cache.cpp``): per attention layer and cell, ``row_size(type_k, n_embd_k_gqa)``
   plus ``row_size(type_v, n_embd_v_gqa)`` (no V with MLA; without flash attention V is transposed and
-  every layer's V row is padded to the widest). A slot is a stream of ``n_ctx_seq`` cells (``num_ctx``
-  padded to 256), or, with ``kv_unified``, all slots share one stream of ``n_ctx`` cells.
-  Sliding-window layers get a small cache (``n_swa`` + a micro-batch, padded to 256) unless
-  ``swa_full`` (``llama-kv-cache-iswa.cpp``).
+  every layer's V row is padded to the widest). With ``kv_unified`` all slots share one stream of
+  ``n_ctx`` cells (``num_ctx * slots`` padded to 256); without it each of the ``n_seq_max``
+  sequences owns a stream of ``n_ctx / n_seq_max`` cells padded to 256. Sliding-window layers get a
+  small cache unless ``swa_full`` (``llama-kv-cache-iswa.cpp``): the window of every sequence id
+  that may share the stream plus a micro-batch, padded to 256.
 * **recurrent state** (``llama-memory-recurrent.cpp``): per recurrent layer, ``n_embd_r`` plus
-  ``n_embd_s`` f32 values per slot, whatever the context length.
-* **compute**: the scheduler's graph buffer for the worst-case micro-batch. It is a high-water mark
-  of ggml's allocator, so the formula is a fit of that mark's parts (see :func:`compute_buffer_bytes`),
-  or an architecture's own rule where its graph differs.
+  ``n_embd_s`` f32 values per sequence id, whatever the context length.
+* **compute**: the scheduler's graph buffer for the worst-case micro-batch (``n_ubatch`` tokens split
+  over ``n_seq_max`` sequences). It is a high-water mark of ggml's allocator: replayed for the
+  transcribed graphs, a fit of its parts for the others (:func:`compute_buffer_bytes`). In the
+  unified pool the attention masks and scores of every token span the whole pool.
+* **output buffer** (``llama_context::output_reserve``): the logits of ``n_seq_max`` rows,
+  ``n_vocab`` floats each, in host memory (pinned when a GPU computes the output).
 * **overhead**: a fixed per-device amount (CUDA context, cuBLAS workspace), configurable.
 
 :func:`context_refusal` says which settings llama.cpp refuses to create a context with, in its words.
@@ -38,6 +44,7 @@ from .model_info import ModelInfo
 __all__ = [
     "DEFAULT_CPU_OVERHEAD_BYTES",
     "DEFAULT_GPU_OVERHEAD_BYTES",
+    "MAX_SEQUENCE_IDS",
     "DeviceMemory",
     "KVCacheType",
     "MemoryConfig",
@@ -48,7 +55,9 @@ __all__ = [
     "kv_bytes_per_token",
     "kv_cells_per_slot",
     "layer_devices",
+    "output_buffer_bytes",
     "row_size",
+    "sequence_ids",
     "swa_cells_per_slot",
 ]
 
@@ -91,6 +100,8 @@ _BLOCKS: dict[KVCacheType, tuple[int, int]] = {
 }
 
 _CELL_PADDING = 256
+MAX_SEQUENCE_IDS = 256
+"""llama.cpp's ``LLAMA_MAX_SEQ``: ``llama_init_from_model`` refuses a larger ``n_seq_max``."""
 
 
 def row_size(kind: KVCacheType, elements: int) -> int:
@@ -105,16 +116,44 @@ def _pad(value: int, multiple: int) -> int:
     return (value + multiple - 1) // multiple * multiple
 
 
-def kv_cells_per_slot(num_ctx: int, num_parallel: int, *, unified: bool = False) -> int:
+def sequence_ids(
+    num_parallel: int, *, recurrent: bool, sliding_window: int, swa_full: bool, prompt_cache: bool = True
+) -> int:
+    """The ``n_seq_max`` the runtime gives a context of ``num_parallel`` slots over one unified pool.
+
+    ``num_parallel`` run at once; with the prompt cache on, a model none of whose buffers grows with
+    the sequence ids gets at least four per slot (16 or more, rounded up to a power of two, at most
+    llama.cpp's 256), so finished
+    conversations keep their cells in the pool until the space is needed. Not a model with recurrent
+    state (``rs_size = n_seq_max``: one state per id) nor one with a small sliding-window cache
+    (``sliding_window`` > 0 without ``swa_full``: in a unified pool it holds ``n_swa x n_seq_max``
+    cells plus a micro-batch). What extra ids do cost elsewhere is small and counted: the reserved
+    graph splits its micro-batch over them (its tokens round up to a multiple of ``n_seq_max``), and
+    the output buffer keeps a row of logits per id. The engine creates its context with this number
+    (``recurrent``: llama.cpp's ``llama_model_is_recurrent`` or ``_is_hybrid``; ``sliding_window``:
+    ``llama_model_n_swa``), so that the plan describes what it allocates.
+    """
+    if not prompt_cache or recurrent or (sliding_window > 0 and not swa_full):
+        return num_parallel
+    # a power of two: it divides the 512-token micro-batch, so the reserved graph needs no rounding
+    wanted = max(4 * num_parallel, 16)
+    return min(MAX_SEQUENCE_IDS, 1 << (wanted - 1).bit_length())
+
+
+def kv_cells_per_slot(
+    num_ctx: int, num_parallel: int, *, unified: bool = False, n_seq_max: int | None = None
+) -> int:
     """Cells of one KV stream for ``n_ctx = num_ctx * num_parallel`` (``llama_context``'s constructor).
 
-    llama.cpp pads ``n_ctx`` to 256; each slot's stream then holds ``n_ctx / n_seq_max`` padded to 256
-    again. With ``unified`` there is one stream for all slots, of ``n_ctx`` cells.
+    llama.cpp pads ``n_ctx`` to 256. With ``unified`` there is one stream for all sequences, of
+    ``n_ctx`` cells: with the runtime's layout this is the whole pool, not one slot's share. Without
+    it each of the ``n_seq_max`` sequences (default: one per slot) owns a stream of ``n_ctx / n_seq_max``
+    cells, padded to 256 again.
     """
     n_ctx = _pad(num_ctx * num_parallel, _CELL_PADDING)
     if unified:
         return n_ctx
-    return _pad(n_ctx // num_parallel, _CELL_PADDING)
+    return _pad(n_ctx // (n_seq_max or num_parallel), _CELL_PADDING)
 
 
 def swa_cells_per_slot(
@@ -125,17 +164,30 @@ def swa_cells_per_slot(
     n_ubatch: int,
     swa_full: bool,
     unified: bool = False,
+    n_seq_max: int | None = None,
 ) -> int:
     """Cells of one stream of the sliding-window cache (``llama_kv_cache_iswa``'s constructor).
 
     ``min(base, n_swa * (unified ? n_seq_max : 1) + n_ubatch)`` padded to 256: the window plus room for
-    one micro-batch, since llama.cpp evicts cells that left the window only after a batch.
+    one micro-batch, since llama.cpp evicts cells that left the window only after a batch. In a
+    unified stream every sequence id may hold a window, so extra ids grow this cache.
     """
-    base = kv_cells_per_slot(num_ctx, num_parallel, unified=unified)
+    sequences = n_seq_max or num_parallel
+    base = kv_cells_per_slot(num_ctx, num_parallel, unified=unified, n_seq_max=sequences)
     if swa_full or not layout.has_swa:
         return base
-    window = layout.sliding_window * (num_parallel if unified else 1)
+    window = layout.sliding_window * (sequences if unified else 1)
     return _pad(min(base, window + n_ubatch), _CELL_PADDING)
+
+
+def output_buffer_bytes(model: ModelInfo, n_seq_max: int) -> int:
+    """``llama_context::output_reserve(n_seq_max)``: f32 logits of ``max(n_outputs, n_seq_max)`` rows.
+
+    The context reserves ``n_seq_max`` rows when it is created and grows the buffer only for a batch
+    that asks for more outputs; the runtime asks one per sequence it samples, so this is its size.
+    Host memory (the output device's pinned host buffer type on a GPU).
+    """
+    return 4 * model.vocab_size * max(1, n_seq_max)
 
 
 @dataclass(frozen=True)
@@ -154,8 +206,26 @@ class MemoryConfig:
     device_overhead_bytes: int = DEFAULT_GPU_OVERHEAD_BYTES
     swa_full: bool = False
     """Full-size caches for sliding-window layers; False is llama-server's default (a small cache)."""
-    kv_unified: bool = False
-    """One KV stream shared by all slots instead of one stream per slot."""
+    kv_unified: bool = True
+    """One KV stream shared by all slots (the runtime's layout: any set of busy slots decodes in one
+    micro-batch, and sequences can share cells); False gives every sequence id a stream of its own."""
+    n_seq_max: int | None = None
+    """Sequence ids of the context (llama.cpp's ``n_seq_max``, at least ``num_parallel``); None: what
+    the runtime gives the model in its unified pool (:func:`sequence_ids`, prompt cache on), or one
+    per slot with per-sequence streams."""
+
+    def sequences(self, layout: CacheLayout) -> int:
+        """``n_seq_max`` for a model of this ``layout``: the explicit one, or the runtime's rule."""
+        if self.n_seq_max is not None:
+            return self.n_seq_max
+        if not self.kv_unified:
+            return self.num_parallel
+        return sequence_ids(
+            self.num_parallel,
+            recurrent=layout.has_recurrent,
+            sliding_window=layout.sliding_window if layout.has_swa else 0,
+            swa_full=self.swa_full,
+        )
 
     @property
     def effective_n_ubatch(self) -> int:
@@ -188,6 +258,9 @@ class DeviceMemory:
     kv_cache_bytes: int = 0
     recurrent_bytes: int = 0
     compute_bytes: int = 0
+    output_bytes: int = 0
+    """The logits buffer (:func:`output_buffer_bytes`), on the CPU device of a CPU-only replica; a
+    GPU replica keeps it in host memory (``MemoryEstimate.host_bytes``)."""
     overhead_bytes: int = 0
 
     @property
@@ -197,23 +270,33 @@ class DeviceMemory:
             + self.kv_cache_bytes
             + self.recurrent_bytes
             + self.compute_bytes
+            + self.output_bytes
             + self.overhead_bytes
         )
 
 
 @dataclass
 class MemoryEstimate:
-    """Per-device bytes of one replica, plus what the host keeps (the embedding table)."""
+    """Per-device bytes of one replica, plus what the host keeps beside a GPU replica (the embedding
+    table, the logits buffer, and layers left on the CPU)."""
 
     config: MemoryConfig
     devices: list[DeviceMemory]
     host_bytes: int
     kv_cells_per_slot: int
+    """Cells of one KV stream: with the unified pool (the runtime's layout) every slot's cells,
+    ``num_ctx x slots`` padded to 256; with per-sequence streams one stream's."""
     kv_bytes_per_token: int
     """KV bytes one more token of context costs: a cell of every layer whose cache grows with the
     context (sliding-window layers only with ``swa_full``)."""
     swa_cells_per_slot: int = 0
+    """Cells of one stream of the sliding-window cache (as ``kv_cells_per_slot``)."""
     recurrent_bytes_per_slot: int = 0
+    """Recurrent state of one sequence id."""
+    n_seq_max: int = 1
+    """Sequence ids the context was planned with."""
+    output_buffer_bytes: int = 0
+    """The logits buffer (host memory beside a GPU replica, the CPU device's otherwise)."""
 
     @property
     def weights_bytes(self) -> int:
@@ -229,8 +312,10 @@ class MemoryEstimate:
 
     @property
     def kv_bytes_per_slot(self) -> int:
-        """Cache bytes one slot adds: its share of the KV cache plus its recurrent state."""
-        return self.kv_cache_bytes // self.config.num_parallel + self.recurrent_bytes_per_slot
+        """Cache bytes one slot adds: its share of the KV cache plus its recurrent state (and that of
+        the extra sequence ids it brings, should a model with recurrent state get any)."""
+        slots = self.config.num_parallel
+        return self.kv_cache_bytes // slots + self.recurrent_bytes_per_slot * self.n_seq_max // slots
 
     @property
     def compute_bytes(self) -> int:
@@ -369,23 +454,26 @@ def compute_buffer_bytes(
     * or, if larger, the output phase, when the masks are gone: ``n_vocab + n_embd`` (the logits of
       every token of the worst-case batch).
 
-    ``n_kv`` is the cells one stream attends over (with per-slot streams the slot count does not enter).
+    ``n_kv`` is the cells one stream attends over: with the unified pool every slot's cells, since
+    each token's mask row and scores span the whole stream (with per-slot streams the slot count
+    does not enter). ``n_seqs`` is ``n_seq_max``: the reserved batch's tokens are rounded up to a
+    multiple of it (:attr:`~.architectures.ComputeQuery.n_tokens`).
     """
     layout = model.layout
     swa_cells = n_kv if n_kv_swa is None else n_kv_swa
+    query = ComputeQuery(
+        n_ubatch=n_ubatch,
+        n_seqs=n_seqs,
+        n_kv=n_kv,
+        n_kv_swa=swa_cells,
+        flash_attention=flash_attention,
+        with_output=with_output,
+        n_vocab=model.vocab_size,
+        type_k=type_k.value,
+        type_v=type_v.value,
+    )
     rule = compute_rule(model.architecture)
     if rule is not None:
-        query = ComputeQuery(
-            n_ubatch=n_ubatch,
-            n_seqs=n_seqs,
-            n_kv=n_kv,
-            n_kv_swa=swa_cells,
-            flash_attention=flash_attention,
-            with_output=with_output,
-            n_vocab=model.vocab_size,
-            type_k=type_k.value,
-            type_v=type_v.value,
-        )
         return rule(model.hparams, layout, query)
     n_embd = model.embedding_length
     n_embd_kv = max((layer.k_elements for layer in layout.layers), default=0)
@@ -399,9 +487,9 @@ def compute_buffer_bytes(
     else:
         attention = n_kv * model.head_count + 5 * n_embd + 2 * n_embd_kv
     feed_forward = 3 * n_ff + 4 * n_embd
-    output = model.vocab_size + n_embd if with_output else 0
-    floats_per_token = max(mask + attention, mask + feed_forward, output)
-    return int(floats_per_token * 4 * n_ubatch)
+    layers = max(mask + attention, mask + feed_forward) * query.n_tokens
+    output = model.vocab_size * query.n_outputs + n_embd * query.n_tokens if with_output else 0
+    return int(max(layers, output) * 4)
 
 
 def _gpu_compute_extra(layout: CacheLayout, config: MemoryConfig, cells: int) -> int:
@@ -427,15 +515,21 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     """
     if config.num_ctx <= 0 or config.num_parallel <= 0:
         raise ValueError("num_ctx and num_parallel must be positive")
+    layout = model.layout
+    n_seq_max = config.sequences(layout)
+    if not config.num_parallel <= n_seq_max <= MAX_SEQUENCE_IDS:
+        raise ValueError(
+            f"n_seq_max must be between the slots ({config.num_parallel}) and {MAX_SEQUENCE_IDS}, "
+            f"got {n_seq_max}"
+        )
     refusal = context_refusal(model, config)
     if refusal:
         raise ValueError(refusal)
-    layout = model.layout
     type_k, type_v = config.type_k, config.type_v
     n_ubatch = config.effective_n_ubatch
     unified = config.kv_unified
-    streams = 1 if unified else config.num_parallel
-    cells = kv_cells_per_slot(config.num_ctx, config.num_parallel, unified=unified)
+    streams = 1 if unified else n_seq_max
+    cells = kv_cells_per_slot(config.num_ctx, config.num_parallel, unified=unified, n_seq_max=n_seq_max)
     swa_cells = swa_cells_per_slot(
         layout,
         config.num_ctx,
@@ -443,11 +537,13 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
         n_ubatch=n_ubatch,
         swa_full=config.swa_full,
         unified=unified,
+        n_seq_max=n_seq_max,
     )
     fa = config.flash_attention
     per_layer_cell = _kv_bytes_per_layer_cell(layout, type_k, type_v, flash_attention=fa)
-    # recurrent state: one cell per slot (rs_size = max(1, n_seq_max)), f32 rows of n_embd_r and n_embd_s
-    state_cells = max(1, config.num_parallel)
+    # recurrent state: one cell per sequence id (rs_size = max(1, n_seq_max)), unified or not (the
+    # recurrent memory has no streams), f32 rows of n_embd_r and n_embd_s
+    state_cells = max(1, n_seq_max)
     per_layer_state = [4 * (layer.r_elements + layer.s_elements) for layer in layout.layers]
     per_token = sum(
         size
@@ -489,11 +585,16 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
                 n_ubatch=n_ubatch,
                 with_output=is_output,
                 n_kv_swa=swa_cells,
-                n_seqs=config.num_parallel,
+                n_seqs=n_seq_max,
                 type_k=type_k,
                 type_v=type_v,
             )
         memory.overhead_bytes = config.device_overhead_bytes if gpu_count else DEFAULT_CPU_OVERHEAD_BYTES
+    outputs = output_buffer_bytes(model, n_seq_max)
+    if gpu_count:
+        host_bytes += outputs
+    else:
+        cpu.output_bytes = outputs
     if gpu_count and cpu.layers:
         # partial offload: the CPU layers, their KV and state live in host memory next to the embeddings
         host_bytes += cpu.weights_bytes + cpu.kv_cache_bytes + cpu.recurrent_bytes
@@ -505,4 +606,6 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
         kv_bytes_per_token=per_token,
         swa_cells_per_slot=swa_cells,
         recurrent_bytes_per_slot=sum(per_layer_state),
+        n_seq_max=n_seq_max,
+        output_buffer_bytes=outputs,
     )

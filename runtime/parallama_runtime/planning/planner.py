@@ -16,6 +16,11 @@ Rules, after Ollama's ``OLLAMA_NUM_PARALLEL`` and the seed article:
    ``--tensor-split``) and every GPU is checked on its own.
 
 A replica never spans nodes: llama.cpp's layer split runs within one process.
+
+Each trial is the memory model (:mod:`.memory`) over the runtime's own layout: one unified KV pool of
+``num_ctx x slots`` cells and the sequence ids the runtime gives the model, so that the bytes a plan
+counts are those the pod's llama.cpp allocates (``tests/contracts`` checks that the runtime the
+operator configures creates that layout).
 """
 
 from __future__ import annotations
@@ -134,6 +139,9 @@ class DevicePlan(BaseModel):
     total_bytes: int
     usable_bytes: int
     capacity_bytes: int
+    recurrent_bytes: int = 0
+    output_bytes: int = 0
+    """The logits buffer, where it is this device's memory (a CPU replica's)."""
 
 
 class MemoryBreakdown(BaseModel):
@@ -146,6 +154,9 @@ class MemoryBreakdown(BaseModel):
     recurrent_bytes: int = 0
     """Recurrent state (Mamba, RWKV, hybrid layers): fixed per slot, whatever the context."""
     compute_bytes: int = 0
+    output_bytes: int = 0
+    """The logits buffer (``n_seq_max x n_vocab`` floats) counted in ``total_bytes``: a CPU replica's;
+    beside GPUs it is host memory, like the token embeddings."""
     overhead_bytes: int = 0
     total_bytes: int = 0
     usable_bytes: int = 0
@@ -166,7 +177,13 @@ class Plan(BaseModel):
     flash_attention: bool
     kv_bytes_per_token: int
     kv_cells_per_slot: int
+    """Cells of the KV pool: the runtime's one unified stream holds every slot's ``num_ctx`` (padded
+    to 256); the scheduler holds each request to ``num_ctx``."""
     swa_cells_per_slot: int = 0
+    """Cells of the sliding-window cache's stream (the windows of every sequence id plus a batch)."""
+    n_seq_max: int = 1
+    """Sequence ids the runtime's context gets: the slots, plus cached conversations' where they cost
+    no cache memory (``planning.memory.sequence_ids``)."""
     swa_full: bool = False
     refused: bool = False
     """llama.cpp would refuse these settings for this model whatever the hardware (see ``reason``)."""
@@ -293,7 +310,8 @@ def _product_matches(product: str, wanted: str) -> bool:
 
 
 def _memory_config(request: PlanRequest, slots: int, split: tuple[float, ...] | None) -> MemoryConfig:
-    """The runtime's context settings for ``slots``; ``split`` None means a CPU-only replica."""
+    """The runtime's context settings for ``slots``; ``split`` None means a CPU-only replica. The
+    layout is the runtime's: one unified KV pool and its sequence ids (MemoryConfig's defaults)."""
     return MemoryConfig(
         num_ctx=request.num_ctx,
         num_parallel=slots,
@@ -320,7 +338,10 @@ def _trial(model: ModelInfo, request: PlanRequest, shape: _Shape, gpus: int, slo
         usable = tuple(
             min(int(shape.gpu_memory_bytes * keep), f) - request.extra_reserve_bytes for f in free[:gpus]
         )
-        config = _memory_config(request, slots, tuple(max(u, 1) / max(sum(usable), 1) for u in usable))
+        # the split as the pod gets it (the operator writes four decimals), so that the plan's layer
+        # assignment is llama.cpp's: 1/6 and 0.1667 put different layers on some GPUs
+        split = tuple(round(max(u, 1) / max(sum(usable), 1), 4) for u in usable)
+        config = _memory_config(request, slots, split)
     return _Trial(shape, gpus, slots, estimate_memory(model, config), capacities, usable)
 
 
@@ -397,6 +418,7 @@ def _breakdown(trial: _Trial, headroom: float) -> MemoryBreakdown:
         kv_per_slot_bytes=est.kv_bytes_per_slot,
         recurrent_bytes=est.recurrent_bytes,
         compute_bytes=est.compute_bytes,
+        output_bytes=sum(d.output_bytes for d in est.devices),
         overhead_bytes=est.overhead_bytes,
         total_bytes=est.total_bytes,
         usable_bytes=sum(trial.usable),
@@ -418,6 +440,8 @@ def _devices(trial: _Trial) -> list[DevicePlan]:
             total_bytes=d.total_bytes,
             usable_bytes=u,
             capacity_bytes=c,
+            recurrent_bytes=d.recurrent_bytes,
+            output_bytes=d.output_bytes,
         )
         for d, u, c in zip(trial.estimate.devices, trial.usable, trial.capacities, strict=True)
     ]
@@ -462,6 +486,7 @@ def _plan_from_trial(
         kv_bytes_per_token=est.kv_bytes_per_token,
         kv_cells_per_slot=est.kv_cells_per_slot,
         swa_cells_per_slot=est.swa_cells_per_slot,
+        n_seq_max=est.n_seq_max,
         swa_full=request.swa_full,
         node_shape=shape.describe(),
         nodes=nodes,
@@ -589,15 +614,18 @@ def _empty_plan(model: ModelInfo, request: PlanRequest, why: str, *, refused: bo
     config = _memory_config(request, low, None)
     memory = MemoryBreakdown(headroom_fraction=request.headroom)
     per_token = cells = swa_cells = 0
+    sequences = low
     if not refused:
         est = estimate_memory(model, config)
         per_token, cells, swa_cells = est.kv_bytes_per_token, est.kv_cells_per_slot, est.swa_cells_per_slot
+        sequences = est.n_seq_max
         memory = MemoryBreakdown(
             weights_bytes=est.weights_bytes,
             kv_cache_bytes=est.kv_cache_bytes,
             kv_per_slot_bytes=est.kv_bytes_per_slot,
             recurrent_bytes=est.recurrent_bytes,
             compute_bytes=est.compute_bytes,
+            output_bytes=sum(d.output_bytes for d in est.devices),
             total_bytes=est.total_bytes,
             headroom_fraction=request.headroom,
         )
@@ -613,6 +641,7 @@ def _empty_plan(model: ModelInfo, request: PlanRequest, why: str, *, refused: bo
         kv_bytes_per_token=per_token,
         kv_cells_per_slot=cells,
         swa_cells_per_slot=swa_cells,
+        n_seq_max=sequences,
         swa_full=request.swa_full,
         memory=memory,
         reason=f"{'refused' if refused else 'does not fit'}: {why}",

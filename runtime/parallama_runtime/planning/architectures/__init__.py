@@ -158,11 +158,15 @@ class ComputeQuery:
     """The inputs of a compute-buffer estimate for one device (see :func:`compute_rule`)."""
 
     n_ubatch: int
-    """Tokens of the worst-case micro-batch."""
+    """Tokens of the worst-case micro-batch (``n_ubatch``, capped at the context)."""
     n_seqs: int
-    """Sequences (slots) the context holds."""
+    """Sequence ids of the context (``n_seq_max``): the reserved micro-batch is split over that many
+    sequences, and a recurrent layer gathers that many states. ``llama_context::sched_reserve`` takes
+    ``n_seqs = cparams.n_seq_max`` whether or not the KV cache is unified (it is not 1 for a unified
+    pool); only the KQ mask's stream dimension is 1 there (``build_input_kq_mask``)."""
     n_kv: int
-    """Cells a full-attention layer attends over in the worst case (a slot's stream, or the pool)."""
+    """Cells a full-attention layer attends over in the worst case: the whole pool with the unified
+    cache (the runtime's layout), one slot's stream otherwise."""
     n_kv_swa: int
     """Cells a sliding-window layer attends over in the worst case."""
     flash_attention: bool
@@ -173,6 +177,23 @@ class ComputeQuery:
     """KV cache types (``f16``, ``q8_0``...): a quantized cache rotates its heads with Hadamard
     matrices when the head size allows, which adds graph inputs and products."""
     type_v: str = "f16"
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of the reserved graph: ``llama_context::graph_reserve`` rounds ``n_ubatch`` up to a
+        multiple of ``n_seqs`` (``ubatch_reserve(n_tokens / n_seqs, n_seqs)``), so 20 sequence ids
+        reserve 520 tokens for a micro-batch of 512."""
+        n_seqs = max(self.n_seqs, 1)
+        return -(-self.n_ubatch // n_seqs) * n_seqs
+
+    @property
+    def n_outputs(self) -> int:
+        """Output rows (logits) of the worst-case graph: ``n_ubatch`` of the rounded batch's tokens
+        (``sched_reserve``'s ``n_outputs_pp``, the runtime's ``n_batch`` being ``n_ubatch``), or
+        ``n_seqs`` when there are more sequence ids than that, from the token-generation graph
+        (``graph_reserve(n_seqs, n_seqs, n_seqs)``), which then is the larger one; the compute
+        buffer only grows over the reserves."""
+        return min(self.n_tokens, max(self.n_ubatch, self.n_seqs))
 
 
 LayoutRule = Callable[[Hparams], CacheLayout]

@@ -1,7 +1,9 @@
 """llama.cpp's worst-case compute graph for dense architectures, replayed through ggml's allocator.
 
 The CPU compute buffer is the high-water mark of ggml's graph allocator (``ggml-alloc.c``) over the
-worst-case graph llama.cpp reserves (``n_ubatch`` tokens, every one an output). A formula over
+worst-case graph llama.cpp reserves (``n_ubatch`` tokens split over the ``n_seq_max`` sequences, so
+rounded up to a multiple of them, and ``n_ubatch`` outputs; in the runtime's unified KV pool every
+token's mask row and scores span the whole pool). A formula over
 "phases" misses it by 10-50 % on small models, because the allocator's best-fit free list leaves
 holes that depend on the order and sizes of the tensors. So the graph is rebuilt here, tensor by
 tensor with its sizes, exactly as ``src/models/<arch>.cpp`` and ``src/llama-graph.cpp`` build it
@@ -601,12 +603,13 @@ def graph_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
     v_rot = [
         _rotation(quantized_v, [x.head_v for x in trunk if x.in_kv_cache and x.swa == c], 64) for c in caches
     ]
-    # graph_reserve builds the micro-batch from n_ubatch / n_seqs tokens per sequence; a slot count that
-    # does not divide n_ubatch changes the shapes slightly (measured: up to 0.5 % more), which is not
-    # mirrored: every tensor here has n_ubatch tokens, every token an output
+    # graph_reserve splits the micro-batch evenly over the n_seq_max sequence ids, rounding its tokens
+    # up (q.n_tokens); the output rows stay n_ubatch (q.n_outputs). With one unified KV stream that
+    # is all the sequence count changes: the masks and KQ span n_kv (the whole pool) for all tokens,
+    # the same elements as n_kv per stream times the streams without it
     batch = _Batch(
-        n_tokens=q.n_ubatch,
-        n_outputs=q.n_ubatch,
+        n_tokens=q.n_tokens,
+        n_outputs=q.n_outputs,
         n_kv=q.n_kv,
         n_kv_swa=q.n_kv_swa,
         flash_attention=q.flash_attention,

@@ -339,8 +339,7 @@ def hybrid_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
     """
     g = _graph(hp, layout)
     n_seqs = max(q.n_seqs, 1)
-    # llama_context::graph_reserve rounds the worst-case micro-batch up to a multiple of n_seqs
-    n_tokens = -(-q.n_ubatch // n_seqs) * n_seqs
+    n_tokens = q.n_tokens  # graph_reserve rounds the worst-case micro-batch up to a multiple of n_seqs
     inputs = _inputs(g, layout, q, n_tokens)
     phases = [_ffn_phase(g, n_tokens)]
     if layout.has_attention:
@@ -356,7 +355,7 @@ def hybrid_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
         phases.append(_shortconv_phase(hp, g, n_tokens, n_seqs))
     # the output: the logits of every token next to the final norm, over the unused embeddings input;
     # the masks and the layers' tensors are freed by then and the logits reuse their space
-    output = n_tokens * (2 * g.n_embd + q.n_vocab) if q.with_output else 0
+    output = n_tokens * 2 * g.n_embd + q.n_outputs * q.n_vocab if q.with_output else 0
     return 4 * max(inputs + max(phases), output)
 
 

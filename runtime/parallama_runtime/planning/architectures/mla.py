@@ -120,7 +120,10 @@ def deepseek2_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
     * the leading dense feed-forward: gate, up and their product (``3 n_ff``);
     * a MoE layer: the routed experts' gate, up and product (``3 n_ff_exp k``), or the product and
       the experts' outputs (``n_ff_exp k + n_embd k``) when larger, or the shared expert;
-    * the output: the logits of every token of the batch (``n_vocab``).
+    * the output: the logits of every output row (``n_vocab``).
+
+    ``n_kv`` is what one stream attends over: with the runtime's unified pool, every slot's cells, so
+    the KQ mask and (without flash attention) KQ grow with the slots, as in llama.cpp.
 
     The multiples of ``n_embd`` (the residual stream and the holes it leaves) were calibrated against
     llama.cpp's CPU buffer over shapes from 64 to 1024 wide and 4 to 128 heads: within 10 % but for
@@ -150,9 +153,10 @@ def deepseek2_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
         routed = s.n_ff_exp * s.n_expert_used
         shared = s.n_ff_exp * s.n_expert_shared
         phases.append(inputs + max(3 * routed, routed + e * s.n_expert_used + e, 3 * shared + e) + 3.5 * e)
+    worst = max(phases) * q.n_tokens
     if q.with_output:
-        phases.append(q.n_vocab + 3 * e)
-    return int(max(phases) * 4 * q.n_ubatch)
+        worst = max(worst, q.n_vocab * q.n_outputs + 3 * e * q.n_tokens)
+    return int(worst * 4)
 
 
 @register("deepseek2", "mistral4", compute=deepseek2_compute)

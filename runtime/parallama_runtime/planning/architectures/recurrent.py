@@ -4,8 +4,10 @@
 and no KV cache: each of the ``n_layer()`` layers keeps two f32 rows per state cell, ``n_embd_r()``
 (Mamba's conv state, RWKV's token shift) and ``n_embd_s()`` (the SSM / WKV state), and there are
 ``rs_size = max(1, n_seq_max)`` cells (``n_rs_seq = 0``, as the runtime leaves it, adds no rollback
-snapshots). Nothing grows with the context: ``num_ctx`` changes neither the state nor the compute
-buffer. The rows follow ``llama_hparams::n_embd_r`` / ``n_embd_s`` (``src/llama-hparams.cpp``):
+snapshots): one per sequence id, which is why the runtime gives these models no more sequence ids
+than slots. ``kv_unified`` does not reach this memory (it has no streams). Nothing grows with the
+context: ``num_ctx`` changes neither the state nor the compute buffer. The rows follow
+``llama_hparams::n_embd_r`` / ``n_embd_s`` (``src/llama-hparams.cpp``):
 
 * RWKV (``wkv.head_size`` set): ``token_shift_count * n_embd`` (default 2; the Qwen2-based
   conversions write 1) and ``n_embd * wkv.head_size``;
@@ -87,8 +89,8 @@ def recurrent_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
             "arwkv7": max(17 * e, 3 * n_ff + 7 * e),
         }[hp.arch]
         per_seq = 2 * states
-    output = q.n_vocab + 3 * e if q.with_output else 0
-    return int(4 * (max(layer, output) * q.n_ubatch + per_seq * q.n_seqs))
+    output = q.n_vocab * q.n_outputs + 3 * e * q.n_tokens if q.with_output else 0
+    return int(4 * (max(layer * q.n_tokens, output) + per_seq * q.n_seqs))
 
 
 @register("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7", compute=recurrent_compute)
