@@ -37,9 +37,9 @@ e2e:  ## the operator against a real API server as its least-privilege user (col
 	scripts/k8s-control-plane.sh start "$$dir" && \
 	env -u KUBECONFIG PARALLAMA_E2E_DIR="$$dir" $(PY) -m pytest -ra tests/e2e
 
-bench:  ## throughput against the stock server and a bare decode loop (minutes; not in CI)
+bench:  ## serving scenarios against llama-server (LLAMA_SERVER=path) and a bare decode loop (not in CI)
 	.venv/bin/pip install -q -e ".[bench]"
-	$(PY) bench/throughput.py
+	$(PY) bench/serving.py --scenario all $(if $(LLAMA_SERVER),--llama-server $(LLAMA_SERVER))
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache
