@@ -232,3 +232,33 @@ def test_a_pool_too_small_for_the_active_requests_is_reported() -> None:
 def test_needs_a_sequence_and_a_cell(bad: tuple[int, int]) -> None:
     with pytest.raises(ValueError):
         PromptCache(FakeCells(8), bad[0], bad[1], share=True)
+
+
+def test_unrelated_prompts_keep_little_of_the_pool() -> None:
+    """Cached cells cost every running token attention; prompts nobody sends again earn no room."""
+    rng = random.Random(5)
+    cells = FakeCells(1024)
+    cache = PromptCache(cells, 16, 1024, share=True)
+    for _ in range(40):
+        _run(cache, cells, [rng.randrange(1, 10**6) for _ in range(40)], [1] * 20)
+        check_books(cache, cells)
+    assert cache.room() == 0 and cache.cached_cells() == 0  # as if the cache were off
+
+
+def test_chat_traffic_keeps_the_whole_pool_and_a_squeezed_cache_grows_back() -> None:
+    rng = random.Random(6)
+    cells = FakeCells(2048)
+    cache = PromptCache(cells, 16, 2048, share=True)
+    for _ in range(40):  # unrelated prompts squeeze the cache
+        _run(cache, cells, [rng.randrange(1, 10**6) for _ in range(40)], [1] * 20)
+    assert cache.room() < 2048 // 8
+    histories = [[rng.randrange(1, 10**6) for _ in range(50)] for _ in range(6)]
+    for turn in range(12):  # six conversations, more than the squeezed room holds
+        for user, history in enumerate(histories):
+            history += [rng.randrange(1, 10**6) for _ in range(10)]
+            _run(cache, cells, history, [turn, user])
+            history += [turn, user]
+    assert cache.room() == 2048  # what the cache served, or would have from what it evicted
+    placement = cache.acquire(histories[0] + [7])
+    assert placement.reused == len(histories[0])  # the whole conversation is still in the pool
+    check_books(cache, cells)

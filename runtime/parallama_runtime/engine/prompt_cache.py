@@ -10,6 +10,15 @@ things cheap that per-slot caches cannot do:
 * a prefix several requests share (a system prompt) is computed once and held by all of them;
 * when the pool runs short, the least recently used finished sequences give their cells back.
 
+Cached cells are not free, though: llama.cpp's attention spans every cell of the pool up to the
+highest one in use, masked or not, so each cell kept costs every running token a little attention
+(20 % of the decode rate of a small model on a CPU when a pool of 2,048 cells is full of prompts
+nobody sends again). The cache therefore keeps room in proportion to what it has been serving: the
+share of recent prompt tokens found in the pool (prefixes of 16 tokens or more), doubled, of the pool.
+Chat traffic (most of every prompt is history) keeps the whole pool; unrelated prompts keep little.
+The share counts what evicted sequences would have served too (their tokens are remembered, not their
+cells), so a cache squeezed too small sees what it misses and grows back.
+
 This module decides and keeps the books; the llama.cpp calls go through a :class:`KVMemory`, so
 the policy is tested without a model. The books count cells exactly as llama.cpp does: a run of
 cells created by one sequence is shared by every sequence that copied a prefix of it, and lives as
@@ -18,6 +27,7 @@ long as the furthest-reaching of them.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -74,11 +84,19 @@ class Placement:
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the common prefix of ``a`` and ``b``, at most ``limit``: a binary search over slice
+    comparisons, which run in C (prompts of thousands of tokens against every cached sequence)."""
+    a, b = list(a), list(b)
+    lo, hi = 0, min(len(a), len(b), limit)
+    if a[:hi] == b[:hi]:
+        return max(hi, 0)
+    while lo < hi - 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class PromptCache:
@@ -96,6 +114,16 @@ class PromptCache:
     only if the prefix is at least this share of it; otherwise the least recently used sequence is
     evicted. llama-server keeps the same threshold before it saves a slot to its host cache."""
 
+    RECENT_REQUESTS = 64
+    """How many admissions the cache's hit ratio (and so its room) is measured over, and how many
+    evicted sequences it remembers the tokens of."""
+
+    MIN_HISTORY = 8
+    """Admissions before the hit ratio limits the room (until then the whole pool may be kept)."""
+
+    MIN_HIT = 16
+    """Shorter prefixes (a BOS token, a chat template's first line) save too little to earn room."""
+
     def __init__(self, memory: KVMemory, n_seq: int, n_cells: int, *, share: bool, keep: bool = True) -> None:
         if n_seq < 1 or n_cells < 1:
             raise ValueError("a prompt cache needs at least one sequence and one cell")
@@ -107,6 +135,8 @@ class PromptCache:
         self.live_cells = 0
         self._runs: set[_Run] = set()
         self._clock = 0
+        self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=self.RECENT_REQUESTS)
+        self._ghosts: collections.deque[list[int]] = collections.deque(maxlen=self.RECENT_REQUESTS)
 
     # ------------------------------------------------------------------ policy
 
@@ -120,6 +150,7 @@ class PromptCache:
         if idle_donor is not None and length == len(idle_donor.tokens):
             # the donor is all prefix (the same conversation's last turn): continue it in place
             idle_donor.active = True
+            self._note(prompt, length)
             return Placement(idle_donor.id, length)
         free = self._empty_sequence()
         if (
@@ -142,6 +173,7 @@ class PromptCache:
                 self._copy(donor, target, length)
                 reused, shared = length, donor.id
         target.active = True
+        self._note(prompt, reused)
         return Placement(target.id, reused, shared)
 
     def release(self, seq_id: int, *, keep: bool = True) -> None:
@@ -152,6 +184,36 @@ class PromptCache:
         sequence.last_used = self._clock
         if not (keep and self.keep):
             self._clear(sequence)
+        self._trim(self.room())
+
+    def room(self) -> int:
+        """Cells finished sequences may keep: in proportion to the recent hit ratio (see above)."""
+        if len(self._recent) < self.MIN_HISTORY:
+            return self.n_cells
+        prompts = sum(n for n, _ in self._recent)
+        share = sum(r for _, r in self._recent) / prompts if prompts else 1.0
+        return int(self.n_cells * min(1.0, 2 * share))
+
+    def _note(self, prompt: Sequence[int], found: int) -> None:
+        """Record an admission: its prompt length and what the cache served or, had it kept what
+        it evicted, could have served."""
+        limit = len(prompt) - 1
+        could = max((common_prefix(ghost, prompt, limit) for ghost in self._ghosts), default=0)
+        hit = max(found, could)
+        self._recent.append((len(prompt), hit if hit >= self.MIN_HIT else 0))
+
+    def _trim(self, room: int) -> None:
+        while self.cached_cells() > room:
+            idle = [s for s in self.sequences if not s.active and s.tokens]
+            if not idle:
+                return
+            self._evict(min(idle, key=lambda s: s.last_used))
+
+    def _evict(self, sequence: CachedSequence) -> None:
+        """Give a finished sequence's cells back, remembering its tokens (see :meth:`_note`)."""
+        if sequence.tokens:
+            self._ghosts.append(sequence.tokens)
+        self._clear(sequence)
 
     def reserve(self, n_cells: int) -> bool:
         """Make room for ``n_cells`` new cells, evicting finished sequences least recently used
@@ -161,7 +223,7 @@ class PromptCache:
             idle = [s for s in self.sequences if not s.active and s.tokens]
             if not idle:
                 return False
-            self._clear(min(idle, key=lambda s: s.last_used))
+            self._evict(min(idle, key=lambda s: s.last_used))
         return True
 
     def extend(self, seq_id: int, tokens: Sequence[int]) -> None:
@@ -217,7 +279,7 @@ class PromptCache:
         if not idle:
             return None
         victim = min(idle, key=lambda s: s.last_used)
-        self._clear(victim)
+        self._evict(victim)
         return victim
 
     def _cut(self, sequence: CachedSequence, length: int) -> int:
