@@ -275,3 +275,42 @@ def test_prefill_is_bounded_and_round_robin_while_streams_decode(
     both = [counts for counts in mixed if len(counts) == 3]
     assert both, "the two prompts were prefilled side by side, not one after the other"
     assert all(abs(counts[1] - counts[2]) <= 1 for counts in both if 1 in counts and 2 in counts)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "deepseek2-mla", "gemma3", "mamba", "rwkv7", "jamba"])
+def test_every_cache_kind_continues_a_conversation_as_a_cold_request_would(
+    name: str, engines: list[Engine], tmp_path: Path
+) -> None:
+    """Dense, MLA, sliding-window, recurrent and hybrid memory: the next turn of a conversation
+    (its whole earlier sequence plus new tokens) gives the tokens a fresh context gives. Recurrent
+    state is continued in place (it cannot be cut), a window cache that dropped early cells is not
+    reused, and the books agree with llama.cpp's cells throughout."""
+    from support.families import load_all
+
+    path = load_all()[name].write(tmp_path / f"{name}.gguf")
+    warm = _engine(path, num_ctx=256)
+    cold = _engine(path, num_ctx=256, prompt_cache=False)
+    engines += [warm, cold]
+    assert warm.cache is not None
+    first = [warm.bos_token_id] + [300 + (7 * i) % 50 for i in range(60)]
+
+    async def scenario() -> None:
+        await _generate(warm, first)
+        (held,) = [list(s.tokens) for s in warm.cache.sequences if s.tokens] if warm.cache else []
+        assert held[: len(first)] == first and len(held) == len(first) + GREEDY.max_tokens - 1
+        second = [*held, 333, 334, 335]
+        text, finish = await _generate(warm, second)
+        assert finish.cached_tokens == len(held)  # continued in place, whatever the memory
+        reference, cold_finish = await _generate(cold, second)
+        assert cold_finish.cached_tokens == 0
+        assert text == reference
+        # a prompt that leaves the sequence part way: cut (attention caches) or recomputed
+        # (recurrent state, which cannot be cut; a window cache that already dropped cells)
+        branch = [*held[:40], 311, 312]
+        text, finish = await _generate(warm, branch)
+        reference, _ = await _generate(cold, branch)
+        assert text == reference
+        assert finish.cached_tokens == (0 if "recurrent" in load_all()[name].features else 40)
+
+    asyncio.run(scenario())
+    assert warm.audit() == [] and cold.audit() == []

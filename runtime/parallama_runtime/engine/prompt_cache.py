@@ -264,11 +264,20 @@ class PromptCache:
                 continue
             length = common_prefix(sequence.tokens, prompt, limit)
             key = (length, not sequence.active, -sequence.last_used)
-            if length and key > best_key and self.memory.seq_pos_min(sequence.id) <= 0:
-                # seq_pos_min > 0: a sliding-window cache already dropped early cells of this
-                # sequence, so a cut inside it would leave a window without its keys
+            if length and key > best_key and (self._continues(sequence, length) or self._intact(sequence)):
                 best, best_key = sequence, key
         return best, best_key[0]
+
+    @staticmethod
+    def _continues(sequence: CachedSequence, length: int) -> bool:
+        """The new prompt continues the whole of a finished sequence: always valid, whatever the
+        memory (recurrent state goes on from its last token, a window cache has its last window)."""
+        return not sequence.active and length == len(sequence.tokens)
+
+    def _intact(self, sequence: CachedSequence) -> bool:
+        """Every cell of the sequence is still there, so it can be cut or copied at any position:
+        llama.cpp's sliding-window caches drop cells that left the window (``seq_pos_min > 0``)."""
+        return self.share and self.memory.seq_pos_min(sequence.id) <= 0
 
     def _empty_sequence(self) -> CachedSequence | None:
         return next((s for s in self.sequences if not s.active and not s.tokens), None)

@@ -336,11 +336,14 @@ class Engine:
         with self._step_lock:
             problems = []
             for sequence in self.cache.sequences:
-                first, last = self.memory.seq_pos_min(sequence.id), self.memory.seq_pos_max(sequence.id)
-                expected = (0, len(sequence.tokens) - 1) if sequence.tokens else (-1, -1)
-                if (first, last) != expected:
+                # the last position must agree; the first is 0 in an attention cache, the state's
+                # own position in recurrent memory, past the window in a sliding-window cache
+                last = self.memory.seq_pos_max(sequence.id)
+                first = self.memory.seq_pos_min(sequence.id)
+                expected = len(sequence.tokens) - 1
+                if last != expected or (first < 0) != (expected < 0) or first > max(last, 0):
                     problems.append(
-                        f"sequence {sequence.id}: llama.cpp holds {first}..{last}, books {expected}"
+                        f"sequence {sequence.id}: llama.cpp holds {first}..{last}, books 0..{expected}"
                     )
             return problems
 
