@@ -165,12 +165,19 @@ def start_parallama(model: Path, slots: int, num_ctx: int, threads: int, *, tag:
         "--served-name",
         "bench",
     ]
+    return _launch("parallama", argv, port, "/readyz", tag)
+
+
+def _launch(
+    name: str, argv: list[str], port: int, probe: str, tag: str, env: dict[str, str] | None = None
+) -> Server:
+    """Start a server with its output in its log file; return once ``probe`` answers 200."""
     log = _log_file(tag)
     with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT)
-    server = Server("parallama", process, f"http://127.0.0.1:{port}", log, argv)
+        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    server = Server(name, process, f"http://127.0.0.1:{port}", log, argv)
     try:
-        wait_ready(server.url + "/readyz", process)
+        wait_ready(server.url + probe, process)
     except BaseException:
         server.stop()
         raise
@@ -231,6 +238,7 @@ def start_llama_server(
     *,
     kv: str = "unified",
     flags: set[str] | None = None,
+    extra: Sequence[str] = (),
     tag: str = "llama-server",
 ) -> Server:
     port = free_port()
@@ -243,17 +251,8 @@ def start_llama_server(
         port,
         kv=kv,
         flags=flags if flags is not None else llama_server_flags(binary),
-    )
-    log = _log_file(tag)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=_library_env(binary))
-    server = Server("llama-server", process, f"http://127.0.0.1:{port}", log, argv)
-    try:
-        wait_ready(server.url + "/health", process)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    ) + list(extra)
+    return _launch("llama-server", argv, port, "/health", tag, env=_library_env(binary))
 
 
 def _library_env(binary: Path) -> dict[str, str]:
@@ -456,7 +455,9 @@ class Bare:
         self.lib = lib
         self.slots = slots
         self.n_batch = 512
-        self.model = lib.llama_model_load_from_file(str(model).encode(), lib.llama_model_default_params())
+        mparams = lib.llama_model_default_params()
+        mparams.use_extra_bufts = False  # as the runtime loads weights: no CPU-specific repacked copies
+        self.model = lib.llama_model_load_from_file(str(model).encode(), mparams)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = num_ctx * slots
         cparams.n_batch = cparams.n_ubatch = self.n_batch

@@ -89,6 +89,7 @@ class Bench:
                         args.threads,
                         kv=args.llama_server_kv,
                         flags=self.flags,
+                        extra=args.llama_server_arg,
                         tag=f"{scenario}-{slots}-llama-server",
                     ),
                 )
@@ -101,6 +102,7 @@ class Bench:
             "threads": self.args.threads,
             "llama_server": str(self.args.llama_server) if self.args.llama_server else None,
             "llama_server_kv": self.args.llama_server_kv,
+            "llama_server_extra": self.args.llama_server_arg,
             **extra,
         }
 
@@ -646,6 +648,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="unified",
         help="llama-server's KV layout: --kv-unified (its -np auto default; default here), "
         "--no-kv-unified, or no flag (split when -np is given)",
+    )
+    p.add_argument(
+        "--llama-server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more llama-server argument (repeatable), e.g. --llama-server-arg=--no-repack: "
+        "the runtime keeps CPU weights unrepacked (no AMX/repacked copies) for its memory plans",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", type=Path, help="GGUF to use (default: the generated ~100M bench model)")
