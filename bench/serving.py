@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -164,17 +165,28 @@ def run_saturated(bench: Bench) -> dict[str, Any]:
                 (bare.waves(prompt, args.tokens, 2 * args.requests) for _ in range(args.repeat)),
                 key=lambda r: r["tokens_per_second"],
             )
-        for key, start in bench.servers("saturated", slots, args.num_ctx):
-            with harness.running(start) as server:
+        # both servers up at once, measured in turn: on a small shared machine the noise between
+        # minutes is as large as the differences, so each round compares the two side by side
+        with contextlib.ExitStack() as stack:
+            servers = [
+                (key, stack.enter_context(harness.running(start)))
+                for key, start in bench.servers("saturated", slots, args.num_ctx)
+            ]
+            runs: dict[str, list[dict[str, float]]] = {key: [] for key, _ in servers}
+            for _, server in servers:
                 asyncio.run(harness.warm_up(server.url))
-                row[key] = max(
-                    (
+            for _ in range(args.repeat):
+                for key, server in servers:
+                    runs[key].append(
                         asyncio.run(saturated_clients(server.url, clients, args.requests, args.tokens))
-                        for _ in range(args.repeat)
-                    ),
-                    key=lambda r: r["tokens_per_second"],
-                )
+                    )
+            for key, server in servers:
+                row[key] = dict(max(runs[key], key=lambda r: r["tokens_per_second"]))
+                row[key]["runs"] = [r["tokens_per_second"] for r in runs[key]]
                 row[key]["server"] = served(server)
+        if "llama_server" in runs:
+            pairs = zip(runs["parallama"], runs["llama_server"], strict=True)
+            row["round_ratios"] = [ratio(a["tokens_per_second"], b["tokens_per_second"]) for a, b in pairs]
         row["load_average"] = os.getloadavg()[0]
         rows.append(row)
         print(f"  saturated slots={slots}: done", flush=True)
@@ -215,6 +227,13 @@ def run_saturated(bench: Bench) -> dict[str, Any]:
     )
     if low:
         text += f"\n  parallama below 90 % of the bare ceiling at {low} slot(s)"
+    for row in rows:
+        if "round_ratios" in row:
+            rounds = row["round_ratios"]
+            text += (
+                f"\n  {row['slots']} slot(s): parallama/llama-server by round "
+                f"{' '.join(fmt_x(r) for r in rounds)} (median {fmt_x(statistics.median(rounds))})"
+            )
     settings = bench.settings(
         slots=args.slots, tokens=args.tokens, requests=args.requests, num_ctx=args.num_ctx, repeat=args.repeat
     )
