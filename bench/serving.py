@@ -453,12 +453,31 @@ def run_uneven(bench: Bench) -> dict[str, Any]:
             (bare.waves(prompt, round(statistics.mean(lengths)), 2) for _ in range(2)),
             key=lambda r: r["tokens_per_second"],
         )
-    for key, start in bench.servers("uneven", slots, args.uneven_num_ctx):
-        with harness.running(start) as server:
+    # side by side, round by round, as in (a): the best round of each counts
+    with contextlib.ExitStack() as stack:
+        servers = [
+            (key, stack.enter_context(harness.running(start)))
+            for key, start in bench.servers("uneven", slots, args.uneven_num_ctx)
+        ]
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in servers}
+        for _, server in servers:
             asyncio.run(harness.warm_up(server.url))
-            results[key] = asyncio.run(uneven_clients(server.url, clients, lengths))
+        for _ in range(args.repeat):
+            for key, server in servers:
+                runs[key].append(asyncio.run(uneven_clients(server.url, clients, lengths)))
+                print(f"  uneven {key}: {runs[key][-1]['tokens_per_second']:.1f} tok/s", flush=True)
+        for key, server in servers:
+            results[key] = dict(max(runs[key], key=lambda r: r["tokens_per_second"]))
+            results[key]["runs"] = [r["tokens_per_second"] for r in runs[key]]
             results[key]["server"] = served(server)
-        print(f"  uneven {key}: {results[key]['tokens_per_second']:.1f} tok/s", flush=True)
+    round_ratios = (
+        [
+            ratio(a["tokens_per_second"], b["tokens_per_second"])
+            for a, b in zip(runs["parallama"], runs["llama_server"], strict=True)
+        ]
+        if "llama_server" in runs
+        else []
+    )
 
     rows: list[list[object]] = [["bare ceiling (all slots busy)", results["bare"]["tokens_per_second"], None]]
     for key, label in (("parallama", "parallama"), ("llama_server", "llama-server")):
@@ -481,6 +500,12 @@ def run_uneven(bench: Bench) -> dict[str, Any]:
         ["", "tok/s", "ttft p50 s"],
         rows,
     )
+    if round_ratios:
+        text += (
+            f"\n  parallama/llama-server by round {' '.join(fmt_x(r) for r in round_ratios)} "
+            f"(median {fmt_x(statistics.median(round_ratios))})"
+        )
+        results["round_ratios"] = round_ratios
     settings = bench.settings(
         slots=slots,
         clients=clients,
