@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parallama_runtime.engine.prompt_cache import PromptCache, common_prefix
+from parallama_runtime.engine.prompt_cache import Placement, PromptCache, common_prefix
 
 
 @dataclass
@@ -192,7 +192,7 @@ def test_the_next_turn_continues_its_own_conversation_in_place() -> None:
 
 def test_ties_go_to_the_least_recently_used_sequence() -> None:
     cells = FakeCells(64)
-    cache = PromptCache(cells, 4, 64, share=True)
+    cache = PromptCache(cells, 4, 64, share=True, min_reuse=1)
     a = _run(cache, cells, [1, 2, 3, 4], [5])
     b = _run(cache, cells, [1, 2, 3, 9], [5])
     placement = cache.acquire([1, 2, 3, 7, 7])
@@ -261,4 +261,16 @@ def test_chat_traffic_keeps_the_whole_pool_and_a_squeezed_cache_grows_back() -> 
     assert cache.room() == 2048  # what the cache served, or would have from what it evicted
     placement = cache.acquire(histories[0] + [7])
     assert placement.reused == len(histories[0])  # the whole conversation is still in the pool
+    check_books(cache, cells)
+
+
+def test_a_few_common_tokens_are_neither_cut_out_nor_shared() -> None:
+    """A BOS token and a word in common would keep an old sequence's first cells alive for nothing."""
+    cells = FakeCells(256)
+    cache = PromptCache(cells, 8, 256, share=True)
+    first = _run(cache, cells, [1, 2, 3, *range(100, 140)], [5])
+    placement = cache.acquire([1, 2, 3, *range(200, 240)])
+    assert placement.reused == 0 and placement.shared_from is None and placement.seq_id != first
+    short = _run(cache, cells, [1, 2, 3], [4])  # a short sequence the prompt continues whole is reused
+    assert cache.acquire([1, 2, 3, 4, 9]) == Placement(short, 4)
     check_books(cache, cells)

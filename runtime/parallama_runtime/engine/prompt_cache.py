@@ -122,11 +122,24 @@ class PromptCache:
     """Admissions before the hit ratio limits the room (until then the whole pool may be kept)."""
 
     MIN_HIT = 16
-    """Shorter prefixes (a BOS token, a chat template's first line) save too little to earn room."""
+    """Shorter prefixes (a BOS token, a chat template's first line) save too little to earn room, and
+    are not cut out of a sequence or shared either: a few shared cells keep an old sequence's first
+    cells alive wherever they lie in the pool, and attention spans the pool up to its highest used
+    cell. A sequence the prompt continues whole is reused whatever its length."""
 
-    def __init__(self, memory: KVMemory, n_seq: int, n_cells: int, *, share: bool, keep: bool = True) -> None:
+    def __init__(
+        self,
+        memory: KVMemory,
+        n_seq: int,
+        n_cells: int,
+        *,
+        share: bool,
+        keep: bool = True,
+        min_reuse: int = MIN_HIT,
+    ) -> None:
         if n_seq < 1 or n_cells < 1:
             raise ValueError("a prompt cache needs at least one sequence and one cell")
+        self.min_reuse = min_reuse
         self.memory = memory
         self.n_cells = n_cells
         self.share = share
@@ -264,7 +277,8 @@ class PromptCache:
                 continue
             length = common_prefix(sequence.tokens, prompt, limit)
             key = (length, not sequence.active, -sequence.last_used)
-            if length and key > best_key and (self._continues(sequence, length) or self._intact(sequence)):
+            whole = self._continues(sequence, length)
+            if length and key > best_key and (whole or (length >= self.min_reuse and self._intact(sequence))):
                 best, best_key = sequence, key
         return best, best_key[0]
 
