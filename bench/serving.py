@@ -153,6 +153,36 @@ async def saturated_clients(url: str, clients: int, requests_each: int, tokens: 
     }
 
 
+def side_by_side(
+    bench: Bench, scenario: str, slots: int, num_ctx: int, measure: Callable[[str], dict[str, Any]]
+) -> dict[str, Any]:
+    """Both servers up at once and measured in turn, ``--repeat`` rounds: on a small shared machine
+    the noise between minutes is as large as the differences, so each round compares the two side by
+    side. Per server the best round (with every round's tok/s); ``round_ratios``: parallama over
+    llama-server, round by round (when llama-server runs)."""
+    out: dict[str, Any] = {}
+    with contextlib.ExitStack() as stack:
+        servers = [
+            (key, stack.enter_context(harness.running(start)))
+            for key, start in bench.servers(scenario, slots, num_ctx)
+        ]
+        runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in servers}
+        for _, server in servers:
+            asyncio.run(harness.warm_up(server.url))
+        for _ in range(bench.args.repeat):
+            for key, server in servers:
+                runs[key].append(measure(server.url))
+                print(f"  {scenario} {key}: {runs[key][-1]['tokens_per_second']:.1f} tok/s", flush=True)
+        for key, server in servers:
+            out[key] = dict(max(runs[key], key=lambda r: r["tokens_per_second"]))
+            out[key]["runs"] = [r["tokens_per_second"] for r in runs[key]]
+            out[key]["server"] = served(server)
+    if "llama_server" in runs:
+        pairs = zip(runs["parallama"], runs["llama_server"], strict=True)
+        out["round_ratios"] = [ratio(a["tokens_per_second"], b["tokens_per_second"]) for a, b in pairs]
+    return out
+
+
 def run_saturated(bench: Bench) -> dict[str, Any]:
     args = bench.args
     rows: list[dict[str, Any]] = []
@@ -165,28 +195,17 @@ def run_saturated(bench: Bench) -> dict[str, Any]:
                 (bare.waves(prompt, args.tokens, 2 * args.requests) for _ in range(args.repeat)),
                 key=lambda r: r["tokens_per_second"],
             )
-        # both servers up at once, measured in turn: on a small shared machine the noise between
-        # minutes is as large as the differences, so each round compares the two side by side
-        with contextlib.ExitStack() as stack:
-            servers = [
-                (key, stack.enter_context(harness.running(start)))
-                for key, start in bench.servers("saturated", slots, args.num_ctx)
-            ]
-            runs: dict[str, list[dict[str, float]]] = {key: [] for key, _ in servers}
-            for _, server in servers:
-                asyncio.run(harness.warm_up(server.url))
-            for _ in range(args.repeat):
-                for key, server in servers:
-                    runs[key].append(
-                        asyncio.run(saturated_clients(server.url, clients, args.requests, args.tokens))
-                    )
-            for key, server in servers:
-                row[key] = dict(max(runs[key], key=lambda r: r["tokens_per_second"]))
-                row[key]["runs"] = [r["tokens_per_second"] for r in runs[key]]
-                row[key]["server"] = served(server)
-        if "llama_server" in runs:
-            pairs = zip(runs["parallama"], runs["llama_server"], strict=True)
-            row["round_ratios"] = [ratio(a["tokens_per_second"], b["tokens_per_second"]) for a, b in pairs]
+        row.update(
+            side_by_side(
+                bench,
+                "saturated",
+                slots,
+                args.num_ctx,
+                lambda url, clients=clients: asyncio.run(
+                    saturated_clients(url, clients, args.requests, args.tokens)
+                ),
+            )
+        )
         row["load_average"] = os.getloadavg()[0]
         rows.append(row)
         print(f"  saturated slots={slots}: done", flush=True)
@@ -453,31 +472,16 @@ def run_uneven(bench: Bench) -> dict[str, Any]:
             (bare.waves(prompt, round(statistics.mean(lengths)), 2) for _ in range(2)),
             key=lambda r: r["tokens_per_second"],
         )
-    # side by side, round by round, as in (a): the best round of each counts
-    with contextlib.ExitStack() as stack:
-        servers = [
-            (key, stack.enter_context(harness.running(start)))
-            for key, start in bench.servers("uneven", slots, args.uneven_num_ctx)
-        ]
-        runs: dict[str, list[dict[str, Any]]] = {key: [] for key, _ in servers}
-        for _, server in servers:
-            asyncio.run(harness.warm_up(server.url))
-        for _ in range(args.repeat):
-            for key, server in servers:
-                runs[key].append(asyncio.run(uneven_clients(server.url, clients, lengths)))
-                print(f"  uneven {key}: {runs[key][-1]['tokens_per_second']:.1f} tok/s", flush=True)
-        for key, server in servers:
-            results[key] = dict(max(runs[key], key=lambda r: r["tokens_per_second"]))
-            results[key]["runs"] = [r["tokens_per_second"] for r in runs[key]]
-            results[key]["server"] = served(server)
-    round_ratios = (
-        [
-            ratio(a["tokens_per_second"], b["tokens_per_second"])
-            for a, b in zip(runs["parallama"], runs["llama_server"], strict=True)
-        ]
-        if "llama_server" in runs
-        else []
+    results.update(
+        side_by_side(
+            bench,
+            "uneven",
+            slots,
+            args.uneven_num_ctx,
+            lambda url: asyncio.run(uneven_clients(url, clients, lengths)),
+        )
     )
+    round_ratios = results.pop("round_ratios", [])
 
     rows: list[list[object]] = [["bare ceiling (all slots busy)", results["bare"]["tokens_per_second"], None]]
     for key, label in (("parallama", "parallama"), ("llama_server", "llama-server")):
