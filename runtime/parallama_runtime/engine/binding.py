@@ -99,7 +99,6 @@ class Batch:
     (filling a batch is one C-level copy per field, not a Python loop over tokens)."""
 
     def __init__(self, lib: Any, capacity: int) -> None:
-        self.capacity = capacity
         # typed Any: ctypes arrays take lists of ints, which their stubs do not say
         self.tokens: Any = (ctypes.c_int32 * capacity)()
         self.positions: Any = (ctypes.c_int32 * capacity)()

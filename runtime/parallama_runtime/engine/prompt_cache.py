@@ -252,9 +252,6 @@ class PromptCache:
         sequence.tokens.extend(tokens)
         self.live_cells += len(tokens)
 
-    def clear(self, seq_id: int) -> None:
-        self._clear(self.sequences[seq_id])
-
     # ------------------------------------------------------------------ books
 
     def cached_cells(self) -> int:

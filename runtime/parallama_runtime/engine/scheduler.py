@@ -234,10 +234,6 @@ class Engine:
         """Safe from any thread (the vocabulary is read-only)."""
         return self._vocab().tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def detokenize(self, tokens: Sequence[int]) -> str:
-        vocab = self._vocab()
-        return b"".join(vocab.piece(t) for t in tokens).decode("utf-8", "replace")
-
     # ------------------------------------------------------------------ API side
 
     def start(self) -> None:
