@@ -42,9 +42,13 @@ def test_openai_chat(oai: openai.OpenAI) -> None:
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 6
 
 
-def test_openai_usage_reports_prompt_tokens_served_from_the_cache(oai: openai.OpenAI) -> None:
+def test_openai_usage_reports_prompt_tokens_served_from_the_cache(make_server) -> None:  # type: ignore[no-untyped-def]
     """A conversation's next turn resends its history; the runtime computes only what is new and
-    says so where OpenAI does (usage.prompt_tokens_details.cached_tokens)."""
+    says so where OpenAI does (usage.prompt_tokens_details.cached_tokens). A server of its own: the
+    cache keeps room in proportion to what it served lately, so the shared server's earlier traffic
+    of unrelated prompts would decide the answer."""
+    server: BackgroundServer = make_server("--parallel", "2", "--num-ctx", "256")
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
     history = [
         {"role": "system", "content": "You answer questions about caches. " * 2},
         {"role": "user", "content": "What does a prompt cache keep?"},

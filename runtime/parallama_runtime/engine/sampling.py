@@ -1,9 +1,10 @@
 """Sampling: llama.cpp's own sampler chain per request, and stop sequences over the streamed text.
 
-The samplers are llama.cpp's C implementations (penalties, top-k, top-p, min-p, temperature,
-distribution), chained in the order llama-server uses, so a seed means the same thing here as
-there. Stop sequences are matched on decoded text, not tokens: a stop can start in the middle of a
-token and span several, so text that could still grow into a stop is held back until it cannot.
+The samplers are llama.cpp's C implementations (logit bias, penalties, top-k, typical, top-p,
+min-p, temperature, distribution), chained in the order llama-server uses, so a seed means the
+same thing here as there. Stop sequences are matched on decoded text, not tokens: a stop can start
+in the middle of a token and span several, so text that could still grow into a stop is held back
+until it cannot.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def make_sampler(lib: Any, params: SamplingParams, n_vocab: int, prompt: Sequenc
     The repetition penalties see the prompt's last ``repeat_last_n`` tokens, as in llama-server."""
     p = params
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+    if p.logit_bias:  # first, as in llama-server: the biased logits are what every later stage sees
+        biases = (lib.llama_logit_bias * len(p.logit_bias))(
+            *(lib.llama_logit_bias(token, bias) for token, bias in p.logit_bias.items())
+        )
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
     penalised = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
     if penalised:
         lib.llama_sampler_chain_add(
@@ -36,6 +42,8 @@ def make_sampler(lib: Any, params: SamplingParams, n_vocab: int, prompt: Sequenc
     else:
         if p.top_k > 0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(p.top_k))
+        if 0 < p.typical_p < 1:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_typical(p.typical_p, 1))
         if 0 < p.top_p < 1:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(p.top_p, 1))
         if p.min_p > 0:

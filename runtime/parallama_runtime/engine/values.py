@@ -5,8 +5,8 @@ Plain values only, so the API and the metrics can be read (and tested) without l
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..planning.memory import KVCacheType, MemoryConfig
@@ -88,12 +88,16 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.9
     min_p: float = 0.0
+    typical_p: float = 1.0
+    """Locally typical sampling (llama.cpp's ``typ_p``); 1.0 is off."""
     repeat_penalty: float = 1.1
     repeat_last_n: int = 64
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
     stop: Sequence[str] = ()
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    """Added to a token's logit before sampling (OpenAI's ``logit_bias``); -inf bans the token."""
     ignore_eos: bool = False
     """Keep generating past end-of-generation tokens (benchmarks and tests want fixed lengths)."""
 
