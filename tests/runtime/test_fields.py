@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -184,3 +185,13 @@ def test_deployment_options_come_back_as_notes(server: BackgroundServer) -> None
     )
     assert status == 200
     assert any("options.num_gpu=7" in note for note in answer["notes"])
+
+
+def test_the_docs_list_every_field() -> None:
+    """docs/runtime.md's tables are what users read; they must not drift from the code's."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "runtime.md"
+    text = docs.read_text()
+    section = text[text.index("## Request fields") : text.index("## Termination reasons")]
+    for fields in (OPENAI_CHAT, OPENAI_COMPLETIONS, OLLAMA_GENERATE, OLLAMA_CHAT, OLLAMA_OPTIONS):
+        for name in fields.honoured | set(fields.refused_values) | fields.deployment:
+            assert f"`{name}`" in section, name
