@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -96,7 +98,7 @@ def test_a_steady_load_converges_without_flapping(
         history.append(recommend(observation, policy, now))
         current = decide(history, policy, current, now).replicas
         sizes.append(current)
-    changes = [b - a for a, b in zip(sizes, sizes[1:], strict=False) if b != a]
+    changes = [b - a for a, b in itertools.pairwise(sizes) if b != a]
     assert all(c > 0 for c in changes) or all(c < 0 for c in changes)
     settled = recommend(observation, policy, 0)
     assert settled.up <= settled.down
