@@ -183,12 +183,23 @@ def _bar(used: int, usable: int, capacity: int, width: int = 40) -> str:
     return "[" + "".join(cells) + "]"
 
 
+def _task(plan: Plan) -> str:
+    if plan.task != "embed":
+        return "generate (chat and completions)"
+    return (
+        f"embed ({plan.pooling} pooling): a slot embeds one input of up to {plan.num_ctx} tokens, "
+        f"the slots' inputs in one batch; output buffer {format_bytes(plan.output_buffer_bytes)}"
+        + (" of host memory" if plan.gpus_per_replica else "")
+    )
+
+
 def render_table(model: ModelInfo, plan: Plan) -> str:
     """A capacity report: verdict, memory per component, one bar per device."""
     gib = 1024**3
     lines = [
         f"model      {model.name or model.source} ({model.architecture}, {model.block_count} layers, "
         f"{format_bytes(model.size_bytes)})",
+        f"task       {_task(plan)}",
         f"verdict    {'FITS' if plan.fits else 'DOES NOT FIT'}: {plan.reason}",
         *(f"warning    {note}" for note in plan.warnings),
         f"slots      {plan.num_parallel} x {plan.num_ctx} tokens (KV {plan.kv_cache_type.value}"

@@ -28,6 +28,11 @@ llama.cpp's own buffer reports, family by family, in ``tests/memory``:
   unified pool the attention masks and scores of every token span the whole pool.
 * **output buffer** (``llama_context::output_reserve``): the logits of ``n_seq_max`` rows,
   ``n_vocab`` floats each, in host memory (pinned when a GPU computes the output).
+* **embedding models** (a GGUF ``pooling_type`` of mean, cls or last: :meth:`MemoryConfig.for_model`):
+  the runtime's context embeds, one input per slot and sequence id, a whole input per micro-batch
+  (``n_ubatch`` = ``num_ctx``, :func:`embedding_batch`), so the compute buffer grows with
+  ``num_ctx`` and the pool; every token of a batch is an output, so the output buffer holds
+  ``n_batch`` rows of logits and embeddings.
 * **overhead**: a fixed per-device amount (CUDA context, cuBLAS workspace), configurable.
 
 :func:`context_refusal` says which settings llama.cpp refuses to create a context with, in its words.
@@ -35,7 +40,7 @@ llama.cpp's own buffer reports, family by family, in ``tests/memory``:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .architectures import CacheLayout, ComputeQuery, compute_rule
@@ -51,6 +56,7 @@ __all__ = [
     "MemoryEstimate",
     "compute_buffer_bytes",
     "context_refusal",
+    "embedding_batch",
     "estimate_memory",
     "kv_bytes_per_token",
     "kv_cells_per_slot",
@@ -117,7 +123,13 @@ def _pad(value: int, multiple: int) -> int:
 
 
 def sequence_ids(
-    num_parallel: int, *, recurrent: bool, sliding_window: int, swa_full: bool, prompt_cache: bool = True
+    num_parallel: int,
+    *,
+    recurrent: bool,
+    sliding_window: int,
+    swa_full: bool,
+    prompt_cache: bool = True,
+    embeddings: bool = False,
 ) -> int:
     """The ``n_seq_max`` the runtime gives a context of ``num_parallel`` slots over one unified pool.
 
@@ -131,9 +143,10 @@ def sequence_ids(
     graph splits its micro-batch over them (its tokens round up to a multiple of ``n_seq_max``), and
     the output buffer keeps a row of logits per id. The engine creates its context with this number
     (``recurrent``: llama.cpp's ``llama_model_is_recurrent`` or ``_is_hybrid``; ``sliding_window``:
-    ``llama_model_n_swa``), so that the plan describes what it allocates.
+    ``llama_model_n_swa``), so that the plan describes what it allocates. An embedding context
+    (``embeddings``) keeps nothing between requests: one id per slot.
     """
-    if not prompt_cache or recurrent or (sliding_window > 0 and not swa_full):
+    if embeddings or not prompt_cache or recurrent or (sliding_window > 0 and not swa_full):
         return num_parallel
     # a power of two: it divides the 512-token micro-batch, so the reserved graph needs no rounding
     wanted = max(4 * num_parallel, 16)
@@ -180,14 +193,36 @@ def swa_cells_per_slot(
     return _pad(min(base, window + n_ubatch), _CELL_PADDING)
 
 
-def output_buffer_bytes(model: ModelInfo, n_seq_max: int) -> int:
-    """``llama_context::output_reserve(n_seq_max)``: f32 logits of ``max(n_outputs, n_seq_max)`` rows.
+def embedding_batch(num_ctx: int, n_seq_max: int) -> int:
+    """``n_batch`` and ``n_ubatch`` of an embedding context: ``num_ctx`` rounded up to a multiple of
+    ``n_seq_max``.
 
-    The context reserves ``n_seq_max`` rows when it is created and grows the buffer only for a batch
-    that asks for more outputs; the runtime asks one per sequence it samples, so this is its size.
-    Host memory (the output device's pinned host buffer type on a GPU).
+    A whole input must be one micro-batch (llama.cpp refuses to split a non-causal batch, and pools
+    over the micro-batch's rows), so the batch holds ``num_ctx`` tokens. The rounding is llama.cpp's
+    own need: ``graph_reserve`` rounds the reserved batch's tokens up to a multiple of ``n_seq_max``
+    but keeps ``n_ubatch`` outputs, and mean pooling's ``n_tokens x n_seqs`` matrix then does not
+    match the output rows: ``llama_init_from_model`` aborts the process (``ggml_can_mul_mat``) for,
+    say, 1000 tokens over 3 sequences. Never more than the ``num_ctx x n_seq_max`` context.
     """
-    return 4 * model.vocab_size * max(1, n_seq_max)
+    sequences = max(1, n_seq_max)
+    return -(-max(1, num_ctx) // sequences) * sequences
+
+
+def output_buffer_bytes(
+    model: ModelInfo, n_seq_max: int, *, embeddings: bool = False, n_outputs: int = 0
+) -> int:
+    """``llama_context::output_reserve``: f32 rows for ``max(n_outputs, n_seq_max)`` outputs.
+
+    A row holds the ``n_vocab`` logits (always: ``has_logits`` is true in this llama.cpp), plus, in
+    an embedding context, ``n_embd_out`` floats of embeddings. The context reserves ``n_seq_max``
+    rows when it is created and grows the buffer (never shrinking it) for a batch asking more
+    outputs. A generative runtime asks one per sequence it samples, so ``n_seq_max`` rows is its
+    size; an embedding context outputs every token of a batch (``output_all``: pooling reads them
+    all), so after a full batch it holds ``n_outputs`` = ``n_batch`` rows. Host memory (the output
+    device's pinned host buffer type on a GPU).
+    """
+    row = model.vocab_size + (model.embedding_output_length if embeddings else 0)
+    return 4 * row * max(1, n_seq_max, n_outputs)
 
 
 @dataclass(frozen=True)
@@ -213,6 +248,24 @@ class MemoryConfig:
     """Sequence ids of the context (llama.cpp's ``n_seq_max``, at least ``num_parallel``); None: what
     the runtime gives the model in its unified pool (:func:`sequence_ids`, prompt cache on), or one
     per slot with per-sequence streams."""
+    embeddings: bool | None = None
+    """An embedding context (llama.cpp's ``embeddings = true``, pooling from the model); None: what
+    the model serves (:attr:`~.model_info.ModelInfo.task`), as the runtime decides at load. Such a
+    context takes one id per slot and a batch of a whole input (:func:`embedding_batch`) in place
+    of ``n_seq_max`` and ``n_ubatch``; :meth:`for_model` resolves them."""
+
+    def for_model(self, model: ModelInfo) -> MemoryConfig:
+        """This config as the runtime creates it for ``model``: an embedding model's context takes
+        ``n_seq_max`` = the slots (one input each; the explicit value when given) and
+        ``n_batch`` = ``n_ubatch`` = :func:`embedding_batch` (a whole input per micro-batch); a
+        generative model's is this config, ``embeddings`` False."""
+        embeddings = model.task == "embed" if self.embeddings is None else self.embeddings
+        if not embeddings:
+            return replace(self, embeddings=False)
+        sequences = self.n_seq_max if self.n_seq_max is not None else self.num_parallel
+        return replace(
+            self, embeddings=True, n_seq_max=sequences, n_ubatch=embedding_batch(self.num_ctx, sequences)
+        )
 
     def sequences(self, layout: CacheLayout) -> int:
         """``n_seq_max`` for a model of this ``layout``: the explicit one, or the runtime's rule."""
@@ -225,6 +278,7 @@ class MemoryConfig:
             recurrent=layout.has_recurrent,
             sliding_window=layout.sliding_window if layout.has_swa else 0,
             swa_full=self.swa_full,
+            embeddings=bool(self.embeddings),
         )
 
     @property
@@ -437,6 +491,7 @@ def compute_buffer_bytes(
     n_seqs: int = 1,
     type_k: KVCacheType = KVCacheType.F16,
     type_v: KVCacheType = KVCacheType.F16,
+    pooling: int = 0,
 ) -> int:
     """Size of llama.cpp's compute (graph) buffer for a micro-batch of ``n_ubatch`` tokens.
 
@@ -457,7 +512,9 @@ def compute_buffer_bytes(
     ``n_kv`` is the cells one stream attends over: with the unified pool every slot's cells, since
     each token's mask row and scores span the whole stream (with per-slot streams the slot count
     does not enter). ``n_seqs`` is ``n_seq_max``: the reserved batch's tokens are rounded up to a
-    multiple of it (:attr:`~.architectures.ComputeQuery.n_tokens`).
+    multiple of it (:attr:`~.architectures.ComputeQuery.n_tokens`). ``pooling`` is an embedding
+    context's (the replayed graphs add its few tensors; the generic rule's output phase, every
+    token's logits, already dominates them).
     """
     layout = model.layout
     swa_cells = n_kv if n_kv_swa is None else n_kv_swa
@@ -471,6 +528,7 @@ def compute_buffer_bytes(
         n_vocab=model.vocab_size,
         type_k=type_k.value,
         type_v=type_v.value,
+        pooling=pooling,
     )
     rule = compute_rule(model.architecture)
     if rule is not None:
@@ -511,10 +569,15 @@ def _gpu_compute_extra(layout: CacheLayout, config: MemoryConfig, cells: int) ->
 def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
     """Bytes per device for one replica running ``model`` with ``config``.
 
-    Raises ``ValueError`` for settings llama.cpp refuses (see :func:`context_refusal`).
+    Raises ``ValueError`` for settings llama.cpp refuses (see :func:`context_refusal`). The
+    estimate's ``config`` is ``config`` resolved for the model (:meth:`MemoryConfig.for_model`): an
+    embedding model's context, with its batch and sequence ids, when the model pools.
     """
     if config.num_ctx <= 0 or config.num_parallel <= 0:
         raise ValueError("num_ctx and num_parallel must be positive")
+    config = config.for_model(model)
+    embeddings = bool(config.embeddings)
+    pooling = max(0, model.pooling_type or 0) if embeddings else 0
     layout = model.layout
     n_seq_max = config.sequences(layout)
     if not config.num_parallel <= n_seq_max <= MAX_SEQUENCE_IDS:
@@ -588,9 +651,12 @@ def estimate_memory(model: ModelInfo, config: MemoryConfig) -> MemoryEstimate:
                 n_seqs=n_seq_max,
                 type_k=type_k,
                 type_v=type_v,
+                pooling=pooling,
             )
         memory.overhead_bytes = config.device_overhead_bytes if gpu_count else DEFAULT_CPU_OVERHEAD_BYTES
-    outputs = output_buffer_bytes(model, n_seq_max)
+    outputs = output_buffer_bytes(
+        model, n_seq_max, embeddings=embeddings, n_outputs=n_ubatch if embeddings else 0
+    )
     if gpu_count:
         host_bytes += outputs
     else:

@@ -22,7 +22,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -32,8 +32,10 @@ from .gguf_header import DEFAULT_MAX_HEADER_BYTES, GGUFHeader, RangeReader, read
 
 __all__ = [
     "DEFAULT_MAX_HEADER_BYTES",
+    "EMBEDDING_POOLING",
     "ModelInfo",
     "ModelSourceError",
+    "Task",
     "UnsupportedModelError",
     "model_info_from_gguf",
     "model_info_from_metadata",
@@ -43,6 +45,30 @@ __all__ = [
 
 
 _GGUF_MAGIC = b"GGUF"
+
+Task = Literal["generate", "embed"]
+EMBEDDING_POOLING = {1: "mean", 2: "cls", 3: "last"}
+"""llama.cpp's ``llama_pooling_type`` values that make a model an embedding model for the runtime.
+0 (none) and -1 (unspecified) leave a generative model; 4 (rank: rerankers) is refused."""
+
+
+def _check_pooling(architecture: str, value: Any) -> None:
+    """Refuse what the runtime cannot serve, as for an unknown architecture: a plan for a model the
+    pod would refuse to load is worse than none."""
+    if value is None:
+        pooling = None
+    else:
+        try:
+            pooling = int(value)
+        except (TypeError, ValueError):
+            raise UnsupportedModelError(f"{architecture}.pooling_type {value!r} is not a number") from None
+    if pooling == 4:
+        raise UnsupportedModelError(
+            f"{architecture}.pooling_type is 4 (rank): rerankers are not supported, only embedding "
+            "models (pooling mean, cls or last) and generative ones"
+        )
+    if pooling is not None and pooling not in (-1, 0, *EMBEDDING_POOLING):
+        raise UnsupportedModelError(f"{architecture}.pooling_type {pooling} is not one llama.cpp knows")
 
 
 class ModelInfo(BaseModel):
@@ -84,6 +110,7 @@ class ModelInfo(BaseModel):
     def _consistent(self) -> ModelInfo:
         if len(self.layer_bytes) != self.block_count:
             raise ValueError(f"layer_bytes has {len(self.layer_bytes)} entries, expected {self.block_count}")
+        _check_pooling(self.architecture, self.metadata.get(f"{self.architecture}.pooling_type"))
         self._layout = cache_layout(self.hparams)
         if len(self._layout.layers) != self.block_count:
             raise ValueError(
@@ -124,6 +151,30 @@ class ModelInfo(BaseModel):
     def is_mla(self) -> bool:
         return self.layout.is_mla
 
+    @property
+    def pooling_type(self) -> int | None:
+        """``{arch}.pooling_type`` (llama.cpp's ``hparams.pooling_type``): None when absent."""
+        value = self.hparams.get("pooling_type")
+        return None if value is None else int(value)
+
+    @property
+    def task(self) -> Task:
+        """What a runtime serving this model does: ``embed`` when the GGUF pools its hidden states
+        into one vector per input (mean, CLS or last token), ``generate`` otherwise. The runtime
+        decides the same way at load, and creates an embedding context then (see
+        :class:`~parallama_runtime.planning.memory.MemoryConfig`)."""
+        return "embed" if self.pooling_type in EMBEDDING_POOLING else "generate"
+
+    @property
+    def pooling(self) -> str | None:
+        """The pooling's name (``mean``, ``cls``, ``last``) for an embedding model, else None."""
+        return EMBEDDING_POOLING.get(self.pooling_type or 0)
+
+    @property
+    def embedding_output_length(self) -> int:
+        """llama.cpp's ``n_embd_out()``: ``embedding_length_out`` when set, else ``n_embd``."""
+        return int(self.hparams.get("embedding_length_out") or self.embedding_length)
+
     def k_elements(self, layer: int) -> int:
         """Elements of one K row (one cache cell) in ``layer``, as llama.cpp's n_embd_k_gqa."""
         return self.layout.layers[layer].k_elements
@@ -155,7 +206,10 @@ _METADATA_KEYS = {
     "slidingWindow": ("sliding_window", "attention.sliding_window"),
     "kvLoraRank": ("kv_lora_rank", "attention.kv_lora_rank"),
     "ropeDimensionCount": ("rope_dimension_count", "rope.dimension_count"),
+    "poolingType": ("pooling_type", "pooling_type"),
 }
+_POOLING_NAMES = {"none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+"""``poolingType`` by name (the CRD's form) or by llama.cpp's number (the GGUF's)."""
 _OTHER_KEYS = {"architecture", "name", "size_bytes", "sizeBytes", "gguf"}
 
 
@@ -179,6 +233,12 @@ def model_info_from_metadata(metadata: Mapping[str, Any], *, source: str = "meta
             key = "size_bytes"
         if key not in by_snake and key not in _OTHER_KEYS:
             raise ModelSourceError(f"unknown model metadata key {key!r}")
+        if key == "pooling_type" and isinstance(value, str):
+            if value not in _POOLING_NAMES:
+                raise ModelSourceError(
+                    f"unknown poolingType {value!r} (one of {', '.join(_POOLING_NAMES)}, or a number)"
+                )
+            value = _POOLING_NAMES[value]
         values[key] = value
     required = [
         "architecture",

@@ -21,6 +21,11 @@ Each trial is the memory model (:mod:`.memory`) over the runtime's own layout: o
 ``num_ctx x slots`` cells and the sequence ids the runtime gives the model, so that the bytes a plan
 counts are those the pod's llama.cpp allocates (``tests/contracts`` checks that the runtime the
 operator configures creates that layout).
+
+An embedding model (a GGUF that pools: :attr:`~.model_info.ModelInfo.task` ``embed``) is planned
+the same way over the runtime's embedding context (:meth:`~.memory.MemoryConfig.for_model`): a slot
+embeds one input of up to ``num_ctx`` tokens, the slots' inputs decode together, and a whole input
+is one micro-batch, so ``n_ubatch`` is ``num_ctx`` whatever the request says.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from .memory import (
     context_refusal,
     estimate_memory,
 )
-from .model_info import ModelInfo
+from .model_info import ModelInfo, Task
 
 __all__ = [
     "PROFILE_MAX_PARALLEL",
@@ -185,6 +190,17 @@ class Plan(BaseModel):
     """Sequence ids the runtime's context gets: the slots, plus cached conversations' where they cost
     no cache memory (``planning.memory.sequence_ids``)."""
     swa_full: bool = False
+    task: Task = "generate"
+    """What the runtime serves with this model: ``embed`` for a GGUF that pools (an embedding model:
+    a slot embeds one input of up to ``num_ctx`` tokens, the slots' inputs in one batch), else
+    ``generate``."""
+    pooling: str | None = None
+    """An embedding model's pooling: ``mean``, ``cls`` or ``last``."""
+    output_buffer_bytes: int = 0
+    """llama.cpp's output buffer (logits, and an embedding context's embeddings, of every output
+    row), wherever it lives: host memory beside GPUs, the CPU device's otherwise (then also in
+    ``memory.output_bytes``). Small for generation (a row per sequence id), ``n_batch`` rows of
+    ``n_vocab + n_embd`` floats for an embedding context."""
     refused: bool = False
     """llama.cpp would refuse these settings for this model whatever the hardware (see ``reason``)."""
     node_shape: str | None = None
@@ -203,6 +219,9 @@ class Plan(BaseModel):
     placement: dict[str, int] = Field(default_factory=dict)
     """Replicas per node, as many as fit: each needs ``gpus_per_replica`` free GPUs of the planned
     product on one node. Fewer than ``replicas`` means the rest would stay Pending."""
+    replicas_possible: int = 0
+    """Replicas the planned GPU class could host in all, not capped by ``replicas``: how far the
+    operator's autoscaler may grow this deployment without leaving pods Pending."""
 
     @property
     def replicas_placed(self) -> int:
@@ -405,7 +424,8 @@ def make_plan(model: ModelInfo, nodes: Sequence[Node], request: PlanRequest | No
                 for name in shape.nodes
             )
             placement = _placement(candidates, best, request.replicas)
-            return _fitting_plan(model, request, best, placement, hosts)
+            plan = _fitting_plan(model, request, best, placement, hosts)
+            return plan.model_copy(update={"replicas_possible": _capacity(candidates, best.shape, gpus)})
     return _refusal(model, request, candidates, gpu_counts)
 
 
@@ -488,6 +508,9 @@ def _plan_from_trial(
         swa_cells_per_slot=est.swa_cells_per_slot,
         n_seq_max=est.n_seq_max,
         swa_full=request.swa_full,
+        task=model.task,
+        pooling=model.pooling,
+        output_buffer_bytes=est.output_buffer_bytes,
         node_shape=shape.describe(),
         nodes=nodes,
         tensor_split=[round(x, 4) for x in est.config.tensor_split] if trial.gpus > 1 else [],
@@ -535,6 +558,13 @@ def _placement(shapes: list[_Shape], best: _Trial, replicas: int) -> dict[str, i
     return placement
 
 
+def _embedding_prefix(model: ModelInfo) -> str:
+    """How a plan's sentence starts for an embedding model: its slots embed inputs, not chats."""
+    if model.task != "embed":
+        return ""
+    return f"embedding model ({model.pooling} pooling, a slot embeds one input): "
+
+
 def _fitting_plan(
     model: ModelInfo, request: PlanRequest, best: _Trial, placement: dict[str, int], hosts: list[str]
 ) -> Plan:
@@ -542,7 +572,8 @@ def _fitting_plan(
     where = "CPU memory" if best.shape.is_cpu else f"{best.gpus} x {best.shape.product}"
     used = best.estimate.total_bytes
     sentence = (
-        f"{best.slots} slot{'s' if best.slots > 1 else ''} of {request.num_ctx} tokens fit on {where}: "
+        _embedding_prefix(model)
+        + f"{best.slots} slot{'s' if best.slots > 1 else ''} of {request.num_ctx} tokens fit on {where}: "
         f"{format_bytes(used)} planned of {format_bytes(sum(best.usable))} usable "
         f"({request.headroom:.0%} headroom)"
     )
@@ -599,7 +630,8 @@ def _refusal(model: ModelInfo, request: PlanRequest, shapes: list[_Shape], gpu_c
     slots = f"{low} slot{'s' if low > 1 else ''} of {request.num_ctx} tokens"
     where = "CPU memory" if closest.shape.is_cpu else f"{closest.gpus} x {closest.shape.product}"
     reason = (
-        f"does not fit: {slots} need {format_bytes(worst[0].total_bytes)} on {worst[0].device} of {where} "
+        f"does not fit: {_embedding_prefix(model)}{slots} need {format_bytes(worst[0].total_bytes)} "
+        f"on {worst[0].device} of {where} "
         f"but only {format_bytes(worst[1])} is usable ({request.headroom:.0%} headroom); "
         f"closest node shape {closest.shape.describe()} ({', '.join(closest.shape.nodes)}) "
         f"lacks {format_bytes(closest.shortfall)} ({closest.shortfall} bytes)"
@@ -613,12 +645,12 @@ def _empty_plan(model: ModelInfo, request: PlanRequest, why: str, *, refused: bo
     low, _ = request.slot_bounds()
     config = _memory_config(request, low, None)
     memory = MemoryBreakdown(headroom_fraction=request.headroom)
-    per_token = cells = swa_cells = 0
+    per_token = cells = swa_cells = outputs = 0
     sequences = low
     if not refused:
         est = estimate_memory(model, config)
         per_token, cells, swa_cells = est.kv_bytes_per_token, est.kv_cells_per_slot, est.swa_cells_per_slot
-        sequences = est.n_seq_max
+        sequences, outputs = est.n_seq_max, est.output_buffer_bytes
         memory = MemoryBreakdown(
             weights_bytes=est.weights_bytes,
             kv_cache_bytes=est.kv_cache_bytes,
@@ -643,6 +675,9 @@ def _empty_plan(model: ModelInfo, request: PlanRequest, why: str, *, refused: bo
         swa_cells_per_slot=swa_cells,
         n_seq_max=sequences,
         swa_full=request.swa_full,
+        task=model.task,
+        pooling=model.pooling,
+        output_buffer_bytes=outputs,
         memory=memory,
         reason=f"{'refused' if refused else 'does not fit'}: {why}",
         warnings=_warnings(model, request),

@@ -100,4 +100,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         "keyLengthMla": 192,
         "valueLengthMla": 128,
     },
+    # An embedding model: Qwen3-Embedding-0.6B (qwen3 with last-token pooling, tied embeddings),
+    # f16: 595,776,512 parameters. A slot embeds one input of up to num_ctx tokens; the runtime serves
+    # /api/embed and /v1/embeddings only. Its embedding context makes a whole input one micro-batch
+    # and outputs every token, so compute and output buffers grow with num_ctx (docs/memory-model.md).
+    "qwen3-embedding-0.6b": {
+        "name": "Qwen3-Embedding-0.6B-f16",
+        "architecture": "qwen3",
+        "blockCount": 28,
+        "embeddingLength": 1024,
+        "headCount": 16,
+        "headCountKv": 8,
+        "keyLength": 128,
+        "valueLength": 128,
+        "contextLength": 32768,
+        "vocabSize": 151669,
+        "feedForwardLength": 3072,
+        "poolingType": "last",
+        "sizeBytes": 1_191_553_024,
+    },
 }

@@ -24,7 +24,8 @@ class Family:
     write: Callable[[Path], Path]
     """Writes the model to the given path and returns it."""
     features: frozenset[str] = field(default_factory=frozenset)
-    """Any of: dense, gqa, tied, per_layer_kv, swa, mla, mla_legacy, moe, recurrent, hybrid."""
+    """Any of: dense, gqa, tied, per_layer_kv, swa, mla, mla_legacy, moe, recurrent, hybrid, embedding
+    (a pooling GGUF), rank (a reranker's pooling)."""
 
 
 FAMILIES: dict[str, Family] = {}
@@ -46,6 +47,6 @@ def family(
 
 def load_all() -> dict[str, Family]:
     """Import every family module (which registers its writers) and return the registry."""
-    from . import dense, hybrid, mla_recurrent  # noqa: F401
+    from . import dense, embedding, hybrid, mla_recurrent  # noqa: F401
 
     return FAMILIES

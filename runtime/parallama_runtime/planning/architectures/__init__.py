@@ -177,6 +177,9 @@ class ComputeQuery:
     """KV cache types (``f16``, ``q8_0``...): a quantized cache rotates its heads with Hadamard
     matrices when the head size allows, which adds graph inputs and products."""
     type_v: str = "f16"
+    pooling: int = 0
+    """An embedding context's pooling (llama.cpp's ``llama_pooling_type``: 1 mean, 2 cls, 3 last),
+    which ``build_pooling`` appends to the graph; 0 for a generative context (none)."""
 
     @property
     def n_tokens(self) -> int:

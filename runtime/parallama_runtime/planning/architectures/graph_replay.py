@@ -239,6 +239,10 @@ class _Batch:
     k_rot: tuple[int, int] = (0, 0)
     """Hadamard matrix sizes for K (base cache, sliding-window cache); 0: none."""
     v_rot: tuple[int, int] = (0, 0)
+    pooling: int = 0
+    """``build_pooling`` after the head (embedding contexts): 1 mean, 2 cls, 3 last; 0 none."""
+    n_seqs: int = 1
+    """Sequences of the reserved micro-batch (``n_seqs_unq``): one pooled row each."""
 
 
 _Inputs = tuple[int, int, int, int, int]  # k_idxs, v_idxs, kq_mask, k_rot, v_rot (-1: none)
@@ -413,13 +417,29 @@ class _Builder:
     def head(self, x: int, rms: bool = True) -> int:
         """Output norm and logits (both graph outputs, never freed); then the allocator's replay."""
         g = self.g
-        cur = self.norm(x, rms)
+        cur = embd = self.norm(x, rms)
         g.output[cur] = True
         if self.b.with_output:
             cur = self.matmul(self.s.n_vocab, cur)  # soft-capping or a logit scale would be in place
             g.output[cur] = True
         g.expand(cur)
+        if self.b.pooling and self.b.with_output:
+            g.expand(self.pool(embd))
         return g.high_water()
+
+    def pool(self, embd: int) -> int:
+        """``llm_graph_context::build_pooling`` over the head's ``t_embd`` (its normed rows; the
+        logits stay in the graph): mean multiplies the transposed rows by an ``n_tokens x n_seqs``
+        input, cls and last pick one row per sequence. The pooled rows are a graph output."""
+        g, n_embd, n_seqs = self.g, self.s.n_embd, self.b.n_seqs
+        if self.b.pooling == 1:
+            rows = g.add("cont", self.f32(self._cols(embd), n_embd), g.view(embd, "transpose"))
+            mean = g.input(self.f32(self.T, n_seqs))
+            pooled = g.add("mul_mat", self.f32(n_embd, n_seqs), rows, mean)
+        else:
+            pooled = g.add("get_rows", self.f32(n_embd, n_seqs), embd, g.input(4 * n_seqs))
+        g.output[pooled] = True
+        return pooled
 
 
 def _graph_llama(s: _Shape, batch: _Batch, *, qk_norm: bool = False) -> int:
@@ -616,6 +636,8 @@ def graph_compute(hp: Hparams, layout: CacheLayout, q: ComputeQuery) -> int:
         with_output=q.with_output,
         k_rot=(k_rot[0], k_rot[-1]),
         v_rot=(v_rot[0], v_rot[-1]),
+        pooling=q.pooling,
+        n_seqs=max(q.n_seqs, 1) if q.pooling else 1,
     )
     return _replay(hp.arch, shape, batch)
 
