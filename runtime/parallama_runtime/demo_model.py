@@ -94,7 +94,7 @@ def _vocabulary(size: int = 0) -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores, types
 
 
-def add_vocabulary(writer: gguf.GGUFWriter, size: int = 0) -> int:
+def add_vocabulary(writer: gguf.GGUFWriter, size: int = 0, chat_template: str = CHAT_TEMPLATE) -> int:
     """Add the byte-level SentencePiece vocabulary and chat template to ``writer``; its token count."""
     tokens, scores, types = _vocabulary(size)
     writer.add_vocab_size(len(tokens))
@@ -107,12 +107,24 @@ def add_vocabulary(writer: gguf.GGUFWriter, size: int = 0) -> int:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
     return len(tokens)
 
 
-def write_model(path: str | os.PathLike[str], shape: ModelShape = DEMO_SHAPE, *, seed: int = 0) -> Path:
-    """Write a GGUF model of ``shape`` to ``path`` (atomically) and return the path."""
+def write_model(
+    path: str | os.PathLike[str],
+    shape: ModelShape = DEMO_SHAPE,
+    *,
+    seed: int = 0,
+    pooling_type: int | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Path:
+    """Write a GGUF model of ``shape`` to ``path`` (atomically) and return the path.
+
+    ``pooling_type`` (llama.cpp's ``{arch}.pooling_type``: 1 mean, 2 cls, 3 last, 4 rank) makes it
+    an embedding model, the way Qwen3-Embedding is a qwen3 with pooling "last": llama.cpp pools the
+    final hidden states of a decoder model per sequence. ``chat_template`` replaces the demo's own
+    (tests of what a model's template does: a real model's tool-calling template, say)."""
     import gguf
 
     path = Path(path)
@@ -137,7 +149,9 @@ def write_model(path: str | os.PathLike[str], shape: ModelShape = DEMO_SHAPE, *,
     writer.add_rope_dimension_count(hd)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    add_vocabulary(writer, shape.vocab_size)
+    if pooling_type is not None:
+        writer.add_pooling_type(gguf.PoolingType(pooling_type))
+    add_vocabulary(writer, shape.vocab_size, chat_template)
 
     def weight(rows: int, cols: int, scale: float = 0.02) -> np.ndarray:
         return (rng.standard_normal((rows, cols), dtype=np.float32) * scale).astype(dtype)

@@ -28,6 +28,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .api import ModelCard, RuntimeAPI
+from .api.model_details import model_info, parameter_size, quantization_level
 from .demo_model import DEMO_SHAPE
 from .engine import Engine, EngineConfig, EngineLoadError
 from .engine.cpu import cpu_limits
@@ -263,30 +264,6 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str] | None = N
     return s
 
 
-_FILE_TYPES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    7: "Q8_0",
-    8: "Q5_0",
-    9: "Q5_1",
-    10: "Q2_K",
-    12: "Q3_K_M",
-    15: "Q4_K_M",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    32: "BF16",
-}
-
-
-def _parameter_size(count: int) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if count >= scale:
-            return f"{count / scale:.1f}{unit}"
-    return str(count)
-
-
 class Server:
     """One runtime: engine, API, metrics, telemetry; :meth:`serve` runs it until ``stop`` is set."""
 
@@ -399,7 +376,10 @@ class Server:
             size_bytes=stat.st_size,
             modified_at=stat.st_mtime,
             family=info.architecture,
-            quantization_level=_FILE_TYPES.get(int(info.file_type or -1), str(info.file_type or "")),
+            quantization_level=quantization_level(info.file_type),
+            context_length=info.context_length,
+            embedding_length=info.embedding_length,
+            extra={"model_info": model_info(info.metadata)},
             num_ctx=s.num_ctx,
             num_parallel=slots,
         )
@@ -463,7 +443,8 @@ class Server:
 
             engine.on_fatal = fatal
             engine.start()
-            card.parameter_size = _parameter_size(engine.n_params)
+            card.parameter_size = parameter_size(engine.n_params)
+            card.extra["model_info"] = model_info(info.metadata, engine.n_params)
             self.metrics.set_measured(engine.reports)
             api.ready = True
             log.info("model loaded in %.2fs; ready", time.perf_counter() - started)

@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -35,15 +35,18 @@ from ..engine import (
     Engine,
     EngineError,
     Finish,
+    GrammarError,
     PromptTooLongError,
     QueueFullError,
     RequestHandle,
     SamplingParams,
     TextChunk,
+    TokenLogprob,
 )
 from ..engine.chat_template import TemplateError, render_chat
 from ..metrics import CONTENT_TYPE, RuntimeMetrics
-from .common import MIB, ApiError, Dialect, ModelCard, RequestLimits, error_body
+from .common import ARRIVED, MIB, ApiError, Dialect, ModelCard, RequestLimits, error_body
+from .embeddings import EmbeddingRoutes
 from .ollama import OllamaRoutes
 from .openai import OpenAIRoutes
 
@@ -76,6 +79,7 @@ class RuntimeAPI:
         self.ollama = OllamaRoutes(self)
         self.app.add_routes(self.openai.routes())
         self.app.add_routes(self.ollama.routes())
+        self.app.add_routes(EmbeddingRoutes(self).routes())
         self.app.add_routes(
             [
                 web.get("/healthz", self.healthz),
@@ -92,6 +96,7 @@ class RuntimeAPI:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         dialect: Dialect = "openai" if request.path.startswith("/v1/") else "ollama"
+        request[ARRIVED] = time.perf_counter()  # Ollama's total_duration starts here
         try:
             return await handler(request)
         except ApiError as error:
@@ -116,7 +121,7 @@ class RuntimeAPI:
             )
 
     def _error_response(self, dialect: Dialect, error: ApiError, request: web.Request) -> web.Response:
-        if request.path.startswith(("/v1/", "/api/generate", "/api/chat")):
+        if request.path.startswith(("/v1/", "/api/generate", "/api/chat", "/api/embed")):
             self.metrics.count_request(dialect, error.status)
         headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
         return web.json_response(error_body(dialect, error), status=error.status, headers=headers)
@@ -164,12 +169,17 @@ class RuntimeAPI:
             raise ApiError(400, "request body must be a JSON object")
         return body, len(raw)
 
-    def check_ready(self) -> None:
+    def check_ready(self, *, embeddings: bool = False) -> None:
+        """Loaded, not draining, and serving what the route asks: an embedding model serves the
+        embedding routes only, a generative model the others (Ollama's words for the refusal)."""
         if self.draining:
             raise ApiError(503, "server is shutting down", kind="server_error", retry_after=5)
         if not self.ready:
             why = f"model failed to load: {self.load_error}" if self.load_error else "model is still loading"
             raise ApiError(503, why, kind="server_error", retry_after=2)
+        if self.engine.embedding_model != embeddings:
+            serves = "embeddings" if embeddings else "generate"
+            raise ApiError(400, f"this model does not support {serves}", param="model")
 
     def check_model(self, body: Mapping[str, Any], dialect: Dialect) -> None:
         wanted = body.get("model")
@@ -217,11 +227,13 @@ class RuntimeAPI:
         text: str | None = None,
         messages: Any = None,
         truncate: bool = False,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """Render (when ``messages``) and tokenize, on the prep pool when the body is large."""
+        """Render (when ``messages``, offering ``tools``) and tokenize, on the prep pool when the body
+        is large."""
 
         def work() -> list[int]:
-            prompt = self.chat_prompt(messages) if text is None else text
+            prompt = self.chat_prompt(messages, tools) if text is None else text
             return self.tokens(prompt, dialect, truncate=truncate)
 
         if body_bytes <= self.limits.OFFLOAD_BYTES:
@@ -229,16 +241,17 @@ class RuntimeAPI:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, work)
 
-    def chat_prompt(self, messages: Any) -> str:
+    def chat_prompt(self, messages: Any, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
         try:
             return render_chat(
                 self.engine.chat_template,
                 messages,
+                tools=tools,
                 bos_token=self.engine.bos_text,
                 eos_token=self.engine.eos_text,
             )
         except TemplateError as error:
-            raise ApiError(400, str(error)) from None
+            raise ApiError(400, str(error), param=error.param) from None
 
     def submit(self, prompt: list[int], params: SamplingParams, *, truncate: bool) -> RequestHandle:
         try:
@@ -247,17 +260,24 @@ class RuntimeAPI:
             raise ApiError(503, str(error), kind="server_error", retry_after=1) from None
         except PromptTooLongError as error:
             raise ApiError(400, str(error)) from None
+        except GrammarError as error:  # the output format the request asks for
+            raise ApiError(400, f"cannot constrain the output: {error}") from None
         except EngineError as error:
             raise ApiError(503, str(error), kind="server_error", retry_after=5) from None
 
     # ------------------------------------------------------------------ running a request
 
-    async def collect(self, handle: RequestHandle) -> tuple[str, Finish]:
+    async def collect(
+        self, handle: RequestHandle, logprobs: list[TokenLogprob] | None = None
+    ) -> tuple[str, Finish]:
+        """The whole answer; its tokens' logprob entries go into ``logprobs`` when given."""
         parts: list[str] = []
         try:
             async for event in handle:
                 if isinstance(event, TextChunk):
                     parts.append(event.text)
+                    if logprobs is not None:
+                        logprobs.extend(event.logprobs)
                 else:
                     return "".join(parts), event
         finally:
@@ -283,7 +303,10 @@ class RuntimeAPI:
         on_finish: Callable[[Finish], bytes],
         on_error: Callable[[str], bytes],
         headers: Mapping[str, str] | None = None,
+        on_chunk: Callable[[TextChunk], bytes] | None = None,
     ) -> web.StreamResponse:
+        """Write the events as they come; ``on_chunk``, when given, formats a text chunk instead of
+        ``on_text`` (for what a chunk carries besides its text: logprobs)."""
         response = web.StreamResponse(
             headers={"Content-Type": content_type, "Cache-Control": "no-cache", **(headers or {})}
         )
@@ -292,7 +315,7 @@ class RuntimeAPI:
             await response.prepare(request)
             async for event in handle:
                 if isinstance(event, TextChunk):
-                    await response.write(on_text(event.text))
+                    await response.write(on_text(event.text) if on_chunk is None else on_chunk(event))
                 elif event.reason in ("stop", "length"):
                     await response.write(on_finish(event))
                     self.metrics.observe_duration(event.total_seconds)

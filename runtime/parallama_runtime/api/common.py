@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from aiohttp import web
+
 __all__ = [
+    "ARRIVED",
     "MIB",
     "OLLAMA_VERSION",
     "ApiError",
@@ -40,6 +43,13 @@ OLLAMA_VERSION = "0.12.0"
 
 
 MIB = 1024 * 1024
+
+ARRIVED: web.RequestKey[float] | str = (
+    web.RequestKey("parallama_arrived", float) if hasattr(web, "RequestKey") else "parallama.arrived"
+)
+"""Request storage key of the ``time.perf_counter()`` at which a request reached the app (set by its
+middleware), where Ollama's ``total_duration`` starts: before the body is read and the prompt built.
+A typed key where aiohttp has them (3.14; a plain string key warns there), a string before."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,9 @@ class ModelCard:
     quantization_level: str = ""
     num_ctx: int = 0
     num_parallel: int = 0
+    context_length: int = 0
+    """The model's own context (``{arch}.context_length``), not the slots' ``num_ctx``."""
+    embedding_length: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -141,7 +154,8 @@ class ModelCard:
         return wanted in (self.name, self.ollama_name)
 
     def details(self) -> dict[str, Any]:
-        return {
+        """Ollama's ``ModelDetails``; its lengths, like Ollama's, only when known."""
+        details: dict[str, Any] = {
             "parent_model": "",
             "format": "gguf",
             "family": self.family,
@@ -149,6 +163,11 @@ class ModelCard:
             "parameter_size": self.parameter_size,
             "quantization_level": self.quantization_level,
         }
+        if self.context_length:
+            details["context_length"] = self.context_length
+        if self.embedding_length:
+            details["embedding_length"] = self.embedding_length
+        return details
 
 
 def now_rfc3339() -> str:

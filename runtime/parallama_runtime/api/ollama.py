@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..engine import Finish, SamplingParams
-from .common import OLLAMA_VERSION, ApiError, __version__, now_rfc3339, number, stops
+from ..engine import Finish, SamplingParams, TextChunk, TokenLogprob
+from .common import ARRIVED, OLLAMA_VERSION, ApiError, __version__, now_rfc3339, number, stops
 from .fields import OLLAMA_CHAT, OLLAMA_GENERATE, OLLAMA_OPTIONS
+from .logprobs import ollama_logprobs, ollama_request
+from .structured import ollama_format_grammar
+from .tools import ToolCall, ToolRequest, ToolStream, ollama_tool_calls, ollama_tools
 
 if TYPE_CHECKING:
     from .app import RuntimeAPI
@@ -82,6 +86,7 @@ class OllamaRoutes:
             params.seed = int(number(options["seed"], "options.seed", integer=True))
         params.stop = stops(options.get("stop"), "options.stop")
         params.ignore_eos = bool(options.get("ignore_eos") or body.get("ignore_eos"))
+        params.grammar = ollama_format_grammar(body.get("format"))
         for note in notes:
             log.info("%s", note)
         return params, notes
@@ -148,14 +153,31 @@ class OllamaRoutes:
                     "done_reason": "load",
                 }
             )
-        prompt = await self.api.prompt(size, "ollama", messages=messages, truncate=self._truncate(body))
-        return await self._run(request, body, prompt, chat=True)
+        tools = ollama_tools(body, self.api.engine.chat_template)
+        prompt = await self.api.prompt(
+            size,
+            "ollama",
+            messages=messages,
+            truncate=self._truncate(body),
+            tools=tools.offered if tools else None,
+        )
+        return await self._run(request, body, prompt, chat=True, tools=tools)
 
     async def _run(
-        self, request: web.Request, body: Mapping[str, Any], prompt: list[int], *, chat: bool
+        self,
+        request: web.Request,
+        body: Mapping[str, Any],
+        prompt: list[int],
+        *,
+        chat: bool,
+        tools: ToolRequest | None = None,
     ) -> web.StreamResponse:
         params, notes = self._params(body)
+        params.logprobs = ollama_request(body)
+        if tools is not None:  # Ollama's tools are "auto": calls or what format asks for
+            params.grammar = tools.grammar(params.grammar)
         handle = self.api.submit(prompt, params, truncate=self._truncate(body))
+        arrived = request.get(ARRIVED)
         model = self.api.card.ollama_name
         headers = {"X-Parallama-Note": "; ".join(notes)} if notes else {}
         if handle.truncated:
@@ -171,11 +193,18 @@ class OllamaRoutes:
             return out
 
         def final(finish: Finish, text: str) -> dict[str, Any]:
+            """Ollama's closing object. ``total_duration`` runs from the request's arrival, prompt
+            building included, as Ollama's does; ``load_duration`` is 0: the model is loaded before
+            the runtime takes requests (503 while loading), so no request ever waits for a load;
+            ``prompt_eval_count`` is every prompt token (those the prompt cache served too, as Ollama
+            counts them) and ``prompt_eval_duration`` the time from admission to the first token;
+            ``eval_*`` the answer's tokens and the time from its first token to its last."""
             out = piece(text, True)
+            total = time.perf_counter() - arrived if isinstance(arrived, float) else finish.total_seconds
             out.update(
                 {
                     "done_reason": finish.reason,
-                    "total_duration": int(finish.total_seconds * 1e9),
+                    "total_duration": int(total * 1e9),
                     "load_duration": 0,
                     "prompt_eval_count": finish.prompt_tokens,
                     "prompt_eval_duration": int(finish.prompt_seconds * 1e9),
@@ -183,21 +212,56 @@ class OllamaRoutes:
                     "eval_duration": int(finish.generation_seconds * 1e9),
                 }
             )
-            if not chat:
-                out["context"] = []
+            if not chat and not body.get("raw"):
+                out["context"] = []  # see docs/runtime.md: the context tokens are not kept
             if notes:
                 out["notes"] = notes
             return out
 
         if body.get("stream") is False:
-            text, finish = await self.api.collect(handle)
+            entries: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+            text, finish = await self.api.collect(handle, entries)
             self.api.raise_for_finish(finish)
             self.api.metrics.count_request("ollama", 200)
             self.api.metrics.observe_duration(finish.total_seconds)
-            return web.json_response(final(finish, text), headers=headers)
+            answer = final(finish, text)
+            if tools is not None:
+                content, calls = tools.parser().parse(text)
+                if calls:  # Ollama's content is a string, empty beside calls
+                    answer["message"].update(content=content or "", tool_calls=ollama_tool_calls(calls))
+            if entries:
+                answer["logprobs"] = ollama_logprobs(entries)
+            return web.json_response(answer, headers=headers)
 
         def line(payload: Mapping[str, Any]) -> bytes:
             return json.dumps(payload, separators=(",", ":")).encode() + b"\n"
+
+        def with_logprobs(event: TextChunk) -> bytes:
+            payload = piece(event.text, False)
+            if event.logprobs:  # Ollama leaves the field out when empty
+                payload["logprobs"] = ollama_logprobs(event.logprobs)
+            return line(payload)
+
+        on_logprobs = with_logprobs if params.logprobs is not None else None
+        tool_stream = ToolStream(tools.parser()) if tools is not None else None
+
+        def tool_events(content: TextChunk | None, calls: list[ToolCall], index: int) -> bytes:
+            """Content held back while it might have been a call, then the calls, each complete,
+            in a chunk of their own as Ollama sends them."""
+            out = with_logprobs(content) if content is not None else b""
+            if calls:
+                payload = piece("", False)
+                payload["message"]["tool_calls"] = ollama_tool_calls(calls, index)
+                out += line(payload)
+            return out
+
+        def on_tool_chunk(event: TextChunk) -> bytes:
+            assert tool_stream is not None
+            return tool_events(*tool_stream.feed(event))
+
+        def on_finish(finish: Finish) -> bytes:
+            held = tool_events(*tool_stream.finish()) if tool_stream is not None else b""
+            return held + line(final(finish, ""))
 
         return await self.api.stream(
             request,
@@ -206,8 +270,9 @@ class OllamaRoutes:
             content_type="application/x-ndjson",
             headers=headers,
             on_text=lambda text: line(piece(text, False)),
-            on_finish=lambda finish: line(final(finish, "")),
+            on_finish=on_finish,
             on_error=lambda message: line({"error": message}),
+            on_chunk=on_tool_chunk if tool_stream is not None else on_logprobs,
         )
 
     def _model_entry(self) -> dict[str, Any]:
@@ -226,15 +291,20 @@ class OllamaRoutes:
         return web.json_response({"models": [self._model_entry()]})
 
     async def ps(self, request: web.Request) -> web.Response:
+        """``size`` and ``size_vram`` are what llama.cpp reported allocating at load (every buffer:
+        weights, KV cache, compute, output; the part in GPU memory), the same figures as the
+        ``parallama_memory_measured_bytes`` metric; Ollama's are its own estimate of the same."""
         if not self.api.ready:
             return web.json_response({"models": []})
         entry = self._model_entry()
         del entry["modified_at"]
         forever = datetime.now(UTC) + timedelta(days=3650)
+        reports = self.api.engine.reports
         entry.update(
             {
+                "size": reports.total_bytes or entry["size"],
                 "expires_at": forever.isoformat().replace("+00:00", "Z"),
-                "size_vram": int(self.api.card.extra.get("size_vram", 0)),
+                "size_vram": reports.device_bytes,
                 "context_length": self.api.card.num_ctx,
                 "num_parallel": self.api.card.num_parallel,
             }
@@ -258,7 +328,9 @@ class OllamaRoutes:
                     "general.architecture": self.api.card.family,
                     **self.api.card.extra.get("model_info", {}),
                 },
-                "capabilities": ["completion"],
+                # Ollama's words: an embedding model embeds and does nothing else; a generative one
+                # takes tools whatever its template (see api/tools.py), and clients check for it
+                "capabilities": ["embedding"] if self.api.engine.embedding_model else ["completion", "tools"],
                 "modified_at": self._model_entry()["modified_at"],
             }
         )

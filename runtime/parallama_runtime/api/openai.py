@@ -12,9 +12,26 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..engine import Finish, SamplingParams
+from ..engine import Finish, SamplingParams, TextChunk, TokenLogprob
 from .common import ApiError, __version__, number, stops
 from .fields import OPENAI_CHAT, OPENAI_COMPLETIONS
+from .logprobs import (
+    CompletionOffsets,
+    openai_chat_logprobs,
+    openai_chat_request,
+    openai_completion_logprobs,
+    openai_completion_request,
+)
+from .structured import openai_response_format_grammar
+from .tools import (
+    ToolCall,
+    ToolRequest,
+    ToolStream,
+    finish_reason,
+    openai_tool_call_deltas,
+    openai_tool_calls,
+    openai_tools,
+)
 
 if TYPE_CHECKING:
     from .app import RuntimeAPI
@@ -72,6 +89,7 @@ class OpenAIRoutes:
         params.stop = stops(body.get("stop"), "stop")
         params.ignore_eos = bool(body.get("ignore_eos"))  # llama.cpp server's extension
         params.logit_bias = self._logit_bias(body.get("logit_bias"))
+        params.grammar = openai_response_format_grammar(body.get("response_format"))
         return params
 
     def _logit_bias(self, value: Any) -> dict[int, float]:
@@ -106,8 +124,11 @@ class OpenAIRoutes:
         self.api.check_ready()
         if "messages" not in body:
             raise ApiError(400, "messages is required")
-        prompt = await self.api.prompt(size, "openai", messages=body["messages"])
-        return await self._run(request, body, prompt, chat=True)
+        tools = openai_tools(body, self.api.engine.chat_template)
+        prompt = await self.api.prompt(
+            size, "openai", messages=body["messages"], tools=tools.offered if tools else None
+        )
+        return await self._run(request, body, prompt, chat=True, tools=tools)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body, size = await self.api.sized_body(request)
@@ -132,9 +153,19 @@ class OpenAIRoutes:
         return await self._run(request, body, prompt, chat=False)
 
     async def _run(
-        self, request: web.Request, body: Mapping[str, Any], prompt: list[int], *, chat: bool
+        self,
+        request: web.Request,
+        body: Mapping[str, Any],
+        prompt: list[int],
+        *,
+        chat: bool,
+        tools: ToolRequest | None = None,
     ) -> web.StreamResponse:
         params = self._params(body)
+        params.logprobs = openai_chat_request(body) if chat else openai_completion_request(body)
+        if tools is not None:  # a forced call's grammar, or calls next to response_format's
+            params.grammar = tools.grammar(params.grammar)
+        parsing = tools if tools is not None and tools.parses else None
         handle = self.api.submit(prompt, params, truncate=False)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -151,17 +182,32 @@ class OpenAIRoutes:
             }
 
         if not body.get("stream"):
-            text, finish = await self.api.collect(handle)
+            entries: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+            text, finish = await self.api.collect(handle, entries)
             self.api.raise_for_finish(finish)
+            logprobs = None
+            if entries is not None:
+                logprobs = openai_chat_logprobs(entries) if chat else openai_completion_logprobs(entries)
             if chat:
+                message: dict[str, Any] = {"role": "assistant", "content": text}
+                reason = finish.reason
+                if parsing is not None:
+                    content, calls = parsing.parser().parse(text)
+                    if calls:
+                        message = {
+                            "role": "assistant",
+                            "content": content,
+                            "tool_calls": openai_tool_calls(calls),
+                        }
+                        reason = finish_reason(reason, calls)
                 choice: dict[str, Any] = {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish.reason,
+                    "message": message,
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
                 }
             else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish.reason}
+                choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish.reason}
             self.api.metrics.count_request("openai", 200)
             self.api.metrics.observe_duration(finish.total_seconds)
             return web.json_response(
@@ -212,11 +258,47 @@ class OpenAIRoutes:
             first[0] = False
             return head + json.dumps(text).encode() + tail
 
+        offsets = CompletionOffsets()
+
+        def on_chunk(event: TextChunk) -> bytes:
+            """A chunk with its tokens' logprobs (requests that ask for them leave the hot path)."""
+            payload = chunk(event.text, None, role=chat and first[0])
+            first[0] = False
+            if event.logprobs:
+                payload["choices"][0]["logprobs"] = (
+                    openai_chat_logprobs(event.logprobs) if chat else offsets.logprobs(event.logprobs)
+                )
+            return sse(payload)
+
+        on_logprobs = on_chunk if params.logprobs is not None else None
+        tool_stream = ToolStream(parsing.parser()) if parsing is not None else None
+
+        def tool_events(content: TextChunk | None, calls: list[ToolCall], index: int) -> bytes:
+            """Content held back while it might have been a call, then the calls as OpenAI streams
+            them (see :mod:`.tools`)."""
+            out = on_chunk(content) if content is not None else b""
+            for delta in openai_tool_call_deltas(calls, index):
+                payload = chunk(None, None, role=first[0])
+                if first[0]:
+                    payload["choices"][0]["delta"]["content"] = None  # as OpenAI's first call chunk
+                first[0] = False
+                payload["choices"][0]["delta"]["tool_calls"] = [delta]
+                out += sse(payload)
+            return out
+
+        def on_tool_chunk(event: TextChunk) -> bytes:
+            assert tool_stream is not None
+            return tool_events(*tool_stream.feed(event))
+
         def on_finish(finish: Finish) -> bytes:
             out = b""
+            reason = finish.reason
+            if tool_stream is not None:
+                out += tool_events(*tool_stream.finish())
+                reason = finish_reason(reason, tool_stream.sent)
             if chat and first[0]:
                 out += sse(chunk("", None, role=True))
-            out += sse(chunk(None if chat else "", finish.reason))
+            out += sse(chunk(None if chat else "", reason))
             if include_usage:
                 out += sse(
                     {
@@ -244,6 +326,7 @@ class OpenAIRoutes:
             on_text=on_text,
             on_finish=on_finish,
             on_error=on_error,
+            on_chunk=on_tool_chunk if tool_stream is not None else on_logprobs,
         )
 
     async def models(self, request: web.Request) -> web.Response:

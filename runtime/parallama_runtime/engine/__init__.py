@@ -4,8 +4,9 @@ re-exported here; nothing outside this package touches llama.cpp while serving.
 
 Modules: :mod:`.values` (config, events, errors), :mod:`.scheduler` (the loop),
 :mod:`.prompt_cache` (which cells the pool keeps and shares), :mod:`.sampling` (samplers, stop
-sequences), :mod:`.requests` (a request's state and handle), :mod:`.binding` (llama.cpp calls),
-:mod:`.llama_log` (llama.cpp's log), :mod:`.chat_template` (Jinja chat templates)."""
+sequences), :mod:`.grammar` (constrained sampling), :mod:`.requests` (a request's state and
+handle), :mod:`.binding` (llama.cpp calls), :mod:`.llama_log` (llama.cpp's log),
+:mod:`.chat_template` (Jinja chat templates)."""
 
 from .requests import RequestHandle
 from .scheduler import Engine
@@ -16,10 +17,13 @@ from .values import (
     EngineObserver,
     EngineStats,
     Finish,
+    GrammarError,
     PromptTooLongError,
     QueueFullError,
     SamplingParams,
     TextChunk,
+    TokenLogprob,
+    TopLogprob,
 )
 
 __all__ = [
@@ -30,9 +34,12 @@ __all__ = [
     "EngineObserver",
     "EngineStats",
     "Finish",
+    "GrammarError",
     "PromptTooLongError",
     "QueueFullError",
     "RequestHandle",
     "SamplingParams",
     "TextChunk",
+    "TokenLogprob",
+    "TopLogprob",
 ]

@@ -101,12 +101,28 @@ class ParsedReports:
     def total_mib(self, component: str) -> float:
         return sum(b.mib for b in self.buffers if b.component == component)
 
+    @property
+    def total_bytes(self) -> int:
+        """Every buffer llama.cpp reported (weights, caches, compute, output), host and devices:
+        what the loaded model holds, Ollama's ``size`` in ``/api/ps``."""
+        return sum(report.bytes for report in self.buffers)
+
+    @property
+    def device_bytes(self) -> int:
+        """The part in accelerator memory (Ollama's ``size_vram``): every buffer but the host's,
+        ``CPU`` and the pinned host buffers (``CUDA_Host``...) a GPU build stages data in."""
+        return sum(report.bytes for report in self.buffers if not _host(report.device))
+
     def by_device(self, component: str) -> dict[str, float]:
         result: dict[str, float] = {}
         for report in self.buffers:
             if report.component == component:
                 result[report.device] = result.get(report.device, 0.0) + report.mib
         return result
+
+
+def _host(device: str) -> bool:
+    return device.startswith("CPU") or device.endswith("_Host")
 
 
 def parse_buffer_reports(lines: list[str]) -> ParsedReports:

@@ -14,6 +14,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from .grammar import GrammarSampler
+from .logprobs import LogprobQueue
 from .sampling import StopMatcher
 from .values import Event, Finish, SamplingParams
 
@@ -30,9 +32,11 @@ class Request:
         "first_at",
         "gaps",
         "generated",
+        "grammar",
         "id",
         "last_at",
         "logit_index",
+        "logprobs",
         "loop",
         "n_past",
         "next_token",
@@ -61,6 +65,8 @@ class Request:
         self.gaps: list[float] = []
         self.cancelled = False
         self.done = False
+        self.grammar: GrammarSampler | None = None
+        """The request's grammar, parsed at submit; freed with the request's sampler."""
         # set on admission (scheduler thread only)
         self.seq_id = -1
         self.sampler: Any = None
@@ -75,6 +81,8 @@ class Request:
         self.logit_index = -1
         self.stops = StopMatcher(params.stop)
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.logprobs = LogprobQueue() if params.logprobs is not None else None
+        """Entries waiting for their text (only for requests that ask for logprobs)."""
 
     @property
     def prefilling(self) -> bool:

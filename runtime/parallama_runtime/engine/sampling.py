@@ -9,34 +9,42 @@ until it cannot.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
 
 from .values import SamplingParams
 
-__all__ = ["StopMatcher", "make_sampler"]
+__all__ = ["GRAMMAR_BAN", "StopMatcher", "make_sampler"]
+
+GRAMMAR_BAN = -1e9
+"""What a ``logit_bias`` ban (-inf) becomes under a grammar: far enough below any logit that a banned
+token is never drawn while another is possible, yet finite, so that when the grammar allows only
+banned tokens (JSON needs its ``{``) the answer still follows the grammar instead of failing."""
 
 
 def make_sampler(lib: Any, params: SamplingParams, n_vocab: int, prompt: Sequence[int]) -> Any:
     """A new sampler chain for one request (the caller frees it with ``llama_sampler_free``).
 
-    The repetition penalties see the prompt's last ``repeat_last_n`` tokens, as in llama-server."""
+    The repetition penalties see the prompt's last ``repeat_last_n`` tokens, as in llama-server. A
+    request's grammar is not part of the chain (see :mod:`.grammar`), so it never sees the prompt."""
     p = params
     chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
     if p.logit_bias:  # first, as in llama-server: the biased logits are what every later stage sees
+        ban = -math.inf if p.grammar is None else GRAMMAR_BAN
         biases = (lib.llama_logit_bias * len(p.logit_bias))(
-            *(lib.llama_logit_bias(token, bias) for token, bias in p.logit_bias.items())
+            *(lib.llama_logit_bias(token, max(bias, ban)) for token, bias in p.logit_bias.items())
         )
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_logit_bias(n_vocab, len(biases), biases))
     penalised = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
     if penalised:
-        lib.llama_sampler_chain_add(
-            chain,
-            lib.llama_sampler_init_penalties(
-                n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
-            ),
+        penalties = lib.llama_sampler_init_penalties(
+            n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
         )
+        for token in prompt[-p.repeat_last_n :] if p.repeat_last_n else ():
+            lib.llama_sampler_accept(penalties, token)  # the prompt reaches the penalties alone
+        lib.llama_sampler_chain_add(chain, penalties)
     if p.temperature <= 0:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
     else:
@@ -51,9 +59,6 @@ def make_sampler(lib: Any, params: SamplingParams, n_vocab: int, prompt: Sequenc
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(p.temperature))
         seed = p.seed if p.seed is not None else random.getrandbits(32)
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-    if penalised and p.repeat_last_n:
-        for token in prompt[-p.repeat_last_n :]:
-            lib.llama_sampler_accept(chain, token)
     return chain
 
 

@@ -27,13 +27,27 @@ import ctypes
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ..termination import Failure, FailureReason, allocation_failure_line
 from .binding import Batch, LlamaMemory, Vocab, context_params, model_params, sequence_ids
 from .cpu import available_cpus
+from .embedding import (
+    EmbeddingCancelledError,
+    EmbeddingJob,
+    EmbeddingModel,
+    EmbeddingQueue,
+    EmbeddingResult,
+    UnsupportedPoolingError,
+    embedding_context_params,
+    fit_inputs,
+    read_vector,
+    resolve,
+)
+from .grammar import Candidates, GrammarSampler
 from .llama_log import LlamaLogCapture, ParsedReports, parse_buffer_reports
+from .logprobs import token_logprob
 from .prompt_cache import PromptCache
 from .requests import Request, RequestHandle, deliver
 from .sampling import make_sampler
@@ -49,6 +63,7 @@ from .values import (
     QueueFullError,
     SamplingParams,
     TextChunk,
+    TokenLogprob,
 )
 
 __all__ = ["Engine"]
@@ -61,6 +76,22 @@ buffers could not be allocated. 1 (no KV slot), 2 (aborted), -1 (bad batch) and 
 are not allocation failures."""
 
 Outbox = list[tuple[Request, Event]]
+
+NO_GRAMMAR_TOKEN = (
+    "no token the grammar allows is left under these sampling settings (logit_bias, penalties, temperature)"
+)
+"""Why a grammar-constrained request ended early (see :mod:`.grammar`): only absurd settings get here."""
+
+
+@contextlib.contextmanager
+def _freed_on_error(grammar: GrammarSampler | None) -> Iterator[None]:
+    """Free a parsed grammar if the request holding it is not queued after all."""
+    try:
+        yield
+    except BaseException:
+        if grammar is not None:
+            grammar.free()
+        raise
 
 
 class Engine:
@@ -118,6 +149,14 @@ class Engine:
         self.n_seq_max = config.num_parallel
         self.kv_cells_total = config.num_ctx * config.num_parallel
         self.threads = 0
+        self._candidates: Candidates | None = None
+        """The vocabulary-wide buffer grammar-constrained draws use (made at the first one)."""
+        self.embedding_model = False
+        """The model's GGUF sets a pooling type: it serves embeddings only (see :mod:`.embedding`)."""
+        self.pooling_type = 0
+        self.n_embd = 0
+        self._embeddings = EmbeddingQueue()
+        self._embedding: EmbeddingModel | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -135,12 +174,18 @@ class Engine:
         if not model:
             raise EngineLoadError(self._load_failure(capture.since(mark), "model"))
         self._model = model
+        self._detect_embeddings(lib, model)
         recurrent = bool(lib.llama_model_is_recurrent(model) or lib.llama_model_is_hybrid(model))
         self.n_seq_max = sequence_ids(
             cfg, recurrent=recurrent, sliding_window=int(lib.llama_model_n_swa(model))
         )
         self.threads = cfg.threads or available_cpus()  # the container's quota, not the host's cores
-        ctx = lib.llama_init_from_model(model, context_params(lib, cfg, self.n_seq_max, self.threads))
+        if self.embedding_model:
+            self.n_seq_max = cfg.num_parallel
+            params = embedding_context_params(lib, cfg, self.threads)
+        else:
+            params = context_params(lib, cfg, self.n_seq_max, self.threads)
+        ctx = lib.llama_init_from_model(model, params)
         if not ctx:
             lib.llama_model_free(model)
             self._model = None
@@ -158,15 +203,18 @@ class Engine:
         self.max_token_bytes = vocab.max_token_bytes
         self.bos_token_id = vocab.bos
         self.eos_token_id = vocab.eos
-        self.bos_text = vocab.piece(vocab.bos, special=True).decode("utf-8", "replace")
-        self.eos_text = vocab.piece(vocab.eos, special=True).decode("utf-8", "replace")
+        # an encoder's vocabulary (BERT: CLS and SEP) may have no BOS or EOS: llama.cpp aborts on -1
+        bos = vocab.piece(vocab.bos, special=True) if vocab.bos >= 0 else b""
+        eos = vocab.piece(vocab.eos, special=True) if vocab.eos >= 0 else b""
+        self.bos_text = bos.decode("utf-8", "replace")
+        self.eos_text = eos.decode("utf-8", "replace")
         template = lib.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8", "replace") if template else None
         self.n_params = int(lib.llama_model_n_params(model))
         desc = ctypes.create_string_buffer(256)
         lib.llama_model_desc(model, desc, 256)
         self.model_description = desc.value.decode("utf-8", "replace")
-        self._batch = Batch(lib, cfg.n_batch)
+        self._batch = Batch(lib, int(params.n_batch))
         self.loaded = True
         self._capture = capture
         capture.watch(self._on_log_line)
@@ -184,6 +232,23 @@ class Engine:
             self.threads,
             "on" if cfg.prompt_cache else "off",
         )
+
+    def _detect_embeddings(self, lib: Any, model: Any) -> None:
+        """Embedding mode from the model's metadata; a pooling this runtime cannot serve (rank) is
+        a load failure that says so."""
+        cfg = self.config
+        try:
+            self._embedding = EmbeddingModel.inspect(lib, model)
+        except UnsupportedPoolingError as error:
+            lib.llama_model_free(model)
+            self._model = None
+            failure = Failure(FailureReason.UNSUPPORTED_MODEL, str(error), cfg.num_parallel, cfg.num_ctx)
+            raise EngineLoadError(failure) from None
+        self.embedding_model = self._embedding is not None
+        self.pooling_type = self._embedding.pooling if self._embedding else 0
+        self.n_embd = int(lib.llama_model_n_embd_out(model))
+        if self._embedding is not None:
+            log.info("%s", self._embedding.describe(cfg))
 
     def _load_failure(self, lines: list[str], stage: str) -> Failure:
         """Why llama.cpp refused: an allocation it logged (the plan's memory), an architecture it
@@ -254,10 +319,13 @@ class Engine:
             raise EngineError("model is not loaded yet")
         if self.failed:
             raise EngineError("the scheduler failed; see the server log")
+        if self.embedding_model:
+            raise EngineError("this model does not support generate")
         tokens = self._fit_prompt(list(prompt), params, truncate=truncate)
         was_truncated = len(tokens) != len(prompt) and len(prompt) > 0
         loop = asyncio.get_running_loop()
-        with self._cond:
+        grammar = self._grammar(params.grammar) if params.grammar is not None else None
+        with self._cond, _freed_on_error(grammar):
             if self._stopping:
                 raise EngineError("server is shutting down")
             free = self.config.num_parallel - len(self._active)
@@ -268,12 +336,59 @@ class Engine:
                 )
             self._ids += 1
             request = Request(self._ids, tokens, params, loop)
+            request.grammar = grammar
             self._pending.append(request)
             self._queue_max = max(self._queue_max, len(self._pending))
             self._cond.notify()
         handle = RequestHandle(request, self._cancel)
         handle.truncated = was_truncated
         return handle
+
+    def _grammar(self, text: str) -> GrammarSampler:
+        """The request's grammar, parsed now so that a bad one is refused before it is queued
+        (:class:`GrammarError`), with what llama.cpp logged about it."""
+        capture = self._capture
+        mark = capture.mark() if capture is not None else 0
+
+        def why() -> str:
+            lines = capture.since(mark) if capture is not None else []
+            return "; ".join(line.strip() for line in lines if "grammar" in line)
+
+        return GrammarSampler.create(self._lib, self._vocab().handle, text, why=why)
+
+    def submit_embeddings(
+        self, inputs: Sequence[Sequence[int]], *, truncate: bool
+    ) -> asyncio.Future[EmbeddingResult]:
+        """Queue tokenized inputs for their pooled embeddings; must be called from the asyncio loop
+        that awaits the future (cancelling it drops the inputs not computed yet). An input longer
+        than a slot is truncated to its first ``num_ctx`` tokens when asked, else refused."""
+        if not self.loaded or self._thread is None:
+            raise EngineError("model is not loaded yet")
+        if self.failed:
+            raise EngineError("the scheduler failed; see the server log")
+        if self._embedding is None:
+            raise EngineError("this model does not support embeddings")
+        fitted, truncated = fit_inputs(
+            inputs, self.config.num_ctx, truncate=truncate, end=self._embedding.end
+        )
+        job = EmbeddingJob(fitted, asyncio.get_running_loop(), truncated=truncated)
+        if not fitted:
+            job.future.set_result(job.result())
+            return job.future
+        with self._cond:
+            if self._stopping:
+                raise EngineError("server is shutting down")
+            slots = self.config.num_parallel
+            if len(self._embeddings) >= slots + self.config.max_queue:
+                raise QueueFullError(
+                    f"all {slots} slots are busy and {len(self._embeddings) - slots} requests are "
+                    f"waiting (max queue {self.config.max_queue})"
+                )
+            self._embeddings.add(job)
+            self._busy_max = max(self._busy_max, min(len(self._embeddings), slots))
+            self._queue_max = max(self._queue_max, len(self._embeddings) - slots)
+            self._cond.notify()
+        return job.future
 
     def _fit_prompt(self, tokens: list[int], params: SamplingParams, *, truncate: bool) -> list[int]:
         """A request holds at most ``num_ctx`` cells, prompt and answer together."""
@@ -303,11 +418,14 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._cond:
+            # an embedding request holds a slot from arrival to its last input, like a generation
+            jobs = len(self._embeddings)
+            slots = self.config.num_parallel
             return EngineStats(
-                slots_total=self.config.num_parallel,
-                slots_busy=len(self._active),
+                slots_total=slots,
+                slots_busy=len(self._active) + min(jobs, slots),
                 slots_busy_max=self._busy_max,
-                queue_depth=len(self._pending),
+                queue_depth=len(self._pending) + max(jobs - slots, 0),
                 queue_depth_max=self._queue_max,
                 kv_cells_used=self._cells_used,
                 kv_cells_total=self.kv_cells_total,
@@ -317,12 +435,13 @@ class Engine:
     def reset_peaks(self) -> None:
         """Start a new observation window for the high-water marks (slots busy, queue depth)."""
         with self._cond:
-            self._busy_max = len(self._active)
-            self._queue_max = len(self._pending)
+            jobs, slots = len(self._embeddings), self.config.num_parallel
+            self._busy_max = len(self._active) + min(jobs, slots)
+            self._queue_max = len(self._pending) + max(jobs - slots, 0)
 
     def in_flight(self) -> int:
         with self._cond:
-            return len(self._pending) + len(self._active)
+            return len(self._pending) + len(self._active) + len(self._embeddings)
 
     def audit(self) -> list[str]:
         """Differences between the prompt cache's books and llama.cpp's cache, per sequence id
@@ -353,7 +472,9 @@ class Engine:
                 if not request.cancelled and not request.done:
                     request.cancelled = True
                     self._cancels.append(request)
+            jobs = self._embeddings.drain()
             self._cond.notify()
+        resolve((job, EmbeddingCancelledError("request cancelled: server is shutting down")) for job in jobs)
 
     def close(self) -> None:
         """Stop the scheduler (cancelling what remains) and free llama.cpp's objects."""
@@ -375,6 +496,9 @@ class Engine:
             if request.sampler is not None:
                 lib.llama_sampler_free(request.sampler)
                 request.sampler = None
+            if request.grammar is not None:
+                request.grammar.free()
+                request.grammar = None
         if self._ctx is not None:
             lib.llama_free(self._ctx)
             self._ctx = None
@@ -400,6 +524,8 @@ class Engine:
             self._stopping = True
             requests = list(self._pending) + self._active
             self._pending.clear()
+            jobs = self._embeddings.drain()
+        resolve((job, EngineError(message)) for job in jobs)
         for request in list(self._active):
             self._release(request, keep=False)
         deliver([(request, self._finish_event(request, "error", error=message)) for request in requests])
@@ -413,9 +539,10 @@ class Engine:
                 or self._cancels
                 or self._active
                 or (self._pending and len(self._active) < self.config.num_parallel)
+                or self._embeddings
             ):
                 self._cond.wait()
-            if self._thread_exit and not self._active and not self._pending:
+            if self._thread_exit and not self._active and not self._pending and not self._embeddings:
                 return False
             cancels, self._cancels = self._cancels, []
             for request in cancels:
@@ -438,9 +565,57 @@ class Engine:
                 self._busy_max = max(self._busy_max, len(self._active))
             if self._active:
                 self._decode_step(outbox)
+            if self._embeddings:
+                self._embed_step()
             self._publish_cells()
         deliver(outbox)
         return True
+
+    def _embed_step(self) -> None:
+        """One ``llama_decode`` over the next embedding inputs (one sequence id each, see
+        :meth:`.EmbeddingQueue.take`); their pooled vectors are read and their cells cleared."""
+        assert self._batch is not None and self.memory is not None
+        with self._cond:
+            picks = self._embeddings.take(self.n_seq_max, len(self._batch.tokens))
+        if not picks:
+            return
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_ids: list[int] = []
+        now = time.perf_counter()
+        for seq_id, (job, index) in enumerate(picks):
+            ids = job.inputs[index]
+            tokens.extend(ids)
+            positions.extend(range(len(ids)))
+            seq_ids.extend([seq_id] * len(ids))
+            job.started_at = job.started_at or now
+            if self.observer is not None:
+                self.observer.on_admitted(now - job.submitted_at, len(ids), 0)
+        self._batch.fill(tokens, positions, seq_ids, [1] * len(tokens))  # pooling reads every token
+        rc = self._decode(self._ctx, self._batch.handle)
+        failed: list[tuple[EmbeddingJob, EmbeddingResult | BaseException]] = []
+        if rc == 0:
+            for seq_id, (job, index) in enumerate(picks):
+                job.store(index, read_vector(self._lib, self._ctx, seq_id, self.n_embd))
+        for seq_id in range(len(picks)):
+            self.memory.seq_rm(seq_id, -1, -1)
+        if rc != 0:
+            log.error("llama_decode failed with %d for %d embedding inputs", rc, len(picks))
+            tail = self._capture.tail(20) if self._capture is not None else []
+            allocation = allocation_failure_line(tail) if rc < 0 else None
+            if rc == ALLOC_FAILED or allocation is not None or self.fatal is not None:
+                self._report_fatal(allocation or f"llama_decode failed ({rc}): could not allocate")
+                self.failed = True
+                self._fail_everything(f"out of memory while serving (llama_decode {rc})")
+                return
+            failed = [(job, EngineError(f"llama_decode failed ({rc})")) for job in {j for j, _ in picks}]
+        finished = [job for job in dict.fromkeys(j for j, _ in picks) if job.finished]
+        with self._cond:
+            for job, _ in failed:
+                self._embeddings.remove(job)
+            for job in finished:
+                self._embeddings.remove(job)
+        resolve([*failed, *((job, job.result()) for job in finished)])
 
     def _admit(self, request: Request, now: float) -> None:
         assert self.cache is not None and self.vocab is not None
@@ -522,8 +697,25 @@ class Engine:
         now = time.perf_counter()
         for request in generating + [r for r, _ in chunks]:
             if request.logit_index >= 0 and not request.done:
-                token = self._lib.llama_sampler_sample(request.sampler, self._ctx, request.logit_index)
-                self._on_token(request, token, now, outbox)
+                token = self._sample(request, outbox)
+                if token is not None:
+                    self._on_token(request, token, now, outbox)
+
+    def _sample(self, request: Request, outbox: Outbox) -> int | None:
+        """The request's next token, through its grammar if it has one; None when the grammar left
+        no token (the request is then ended with an error)."""
+        if request.grammar is None:
+            return int(self._lib.llama_sampler_sample(request.sampler, self._ctx, request.logit_index))
+        if self._candidates is None:
+            self._candidates = Candidates(self._lib, self.n_vocab)
+        assert self.vocab is not None
+        token = request.grammar.sample(
+            request.sampler, self._ctx, request.logit_index, self._candidates, self.vocab.piece
+        )
+        if token is None:
+            self._release(request, keep=True)
+            outbox.append((request, self._finish_event(request, "error", error=NO_GRAMMAR_TOKEN)))
+        return token
 
     def _on_decode_failure(
         self,
@@ -567,29 +759,46 @@ class Engine:
             request.gaps.append(now - request.last_at)
         request.last_at = now
         params = request.params
-        if not params.ignore_eos and self.vocab.is_end_of_generation(token):
+        # under a grammar an end-of-generation token means the grammar's text is complete
+        ignore_eos = params.ignore_eos and request.grammar is None
+        if not ignore_eos and self.vocab.is_end_of_generation(token):
             request.generated -= 1  # the end-of-generation token is not part of the answer
             self._complete(request, "stop", outbox)
             return
-        text, stopped = request.stops.feed(request.decoder.decode(self.vocab.piece(token)))
+        queue = request.logprobs
+        pending = request.decoder.getstate()[0] if queue is not None else b""
+        decoded = request.decoder.decode(self.vocab.piece(token))
+        if queue is not None:  # only requests that ask pay for a pass over the logits
+            queue.add(self._logprob(request, token, pending), decoded)
+        text, stopped = request.stops.feed(decoded)
         if stopped:
-            if text:
-                outbox.append((request, TextChunk(text)))
+            entries = queue.stopped(text) if queue is not None else ()
+            if text or entries:
+                outbox.append((request, TextChunk(text, entries)))
             self._complete(request, "stop", outbox, flush=False)
             return
-        outbox.append((request, TextChunk(text)))  # even empty: one chunk per token keeps TTFT honest
+        # even empty: one chunk per token keeps TTFT honest
+        outbox.append((request, TextChunk(text, queue.sent(text) if queue is not None else ())))
         if request.generated >= params.max_tokens or request.n_past >= self.config.num_ctx:
             self._complete(request, "length", outbox)
             return
         request.next_token = token
+
+    def _logprob(self, request: Request, token: int, pending: bytes) -> TokenLogprob:
+        """The chosen token's entry from the row of logits it was sampled from (see :mod:`.logprobs`)."""
+        assert self.vocab is not None
+        logits = self._lib.llama_get_logits_ith(self._ctx, request.logit_index)
+        top = request.params.logprobs or 0
+        return token_logprob(logits, self.n_vocab, token, top, self.vocab.piece, pending)
 
     def _complete(self, request: Request, reason: str, outbox: Outbox, *, flush: bool = True) -> None:
         """End a request; unless a stop sequence ended it, text held back for a possible stop (and
         an incomplete UTF-8 tail) is part of the answer and goes out first."""
         if flush:
             tail = request.stops.flush() + request.decoder.decode(b"", final=True)
-            if tail:
-                outbox.append((request, TextChunk(tail)))
+            entries = request.logprobs.rest() if request.logprobs is not None else ()
+            if tail or entries:
+                outbox.append((request, TextChunk(tail, entries)))
         self._release(request, keep=True)
         outbox.append((request, self._finish_event(request, reason)))
 
@@ -598,6 +807,9 @@ class Engine:
         if request.sampler is not None:
             self._lib.llama_sampler_free(request.sampler)
             request.sampler = None
+        if request.grammar is not None:
+            request.grammar.free()
+            request.grammar = None
         if request.seq_id >= 0 and self.cache is not None:
             self.cache.release(request.seq_id, keep=keep)
             request.seq_id = -1

@@ -41,6 +41,11 @@ class PromptTooLongError(EngineError):
     """The prompt does not fit one slot's context and the request did not ask to truncate."""
 
 
+class GrammarError(EngineError):
+    """llama.cpp refused the request's grammar (a syntax error, an undefined rule, left recursion,
+    repetitions beyond its limits): the request is at fault, not the server."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str
@@ -99,12 +104,42 @@ class SamplingParams:
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     """Added to a token's logit before sampling (OpenAI's ``logit_bias``); -inf bans the token."""
     ignore_eos: bool = False
-    """Keep generating past end-of-generation tokens (benchmarks and tests want fixed lengths)."""
+    """Keep generating past end-of-generation tokens (benchmarks and tests want fixed lengths).
+    Under a ``grammar`` an end-of-generation token still ends the request: the grammar lets one
+    through only once its text is complete, so it marks the grammar's end, not the model's choice."""
+    grammar: str | None = None
+    """GBNF text (root rule ``root``) the answer must match: llama.cpp's grammar sampler constrains
+    every sampled token (see :mod:`.grammar`). An invalid grammar is refused at submit
+    (:class:`GrammarError`)."""
+    logprobs: int | None = None
+    """None: no logprobs. 0..20: each token's log-probability and that many most likely
+    alternatives (see :mod:`.logprobs` for which distribution and which chunk carries them)."""
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position; ``bytes`` are the token's own bytes."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the most likely alternatives."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
 class TextChunk:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The entries of the tokens whose text this chunk completes (requests that asked for them)."""
 
 
 @dataclass(frozen=True)
