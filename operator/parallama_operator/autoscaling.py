@@ -20,8 +20,8 @@ Capacity comes last: the operator's placement knows how many replicas the cluste
 host, so the decision never asks for more (the extra pods would stay Pending) and says when capacity,
 not the maximum, held it back.
 
-Everything here is plain data in, plain data out: the handler (I/O, the clock, the scraper) lives in
-handlers.py and the property tests drive this module alone.
+Everything here is plain data in, plain data out: the I/O (the clock, the API, the loop) lives in
+autoscaler.py, the scraper in replica_load.py, and the property tests drive this module alone.
 """
 
 from __future__ import annotations
@@ -123,6 +123,7 @@ def decide(
     current: int,
     now: float,
     capacity: int | None = None,
+    observed_since: float | None = None,
 ) -> Decision:
     """The replicas to run now, from the recommendations of the last windows.
 
@@ -130,6 +131,12 @@ def decide(
     present; they are ignored). ``capacity`` is how many replicas the cluster can host in all,
     counting the ones running (None: unknown, no limit); it never takes away running replicas: a
     cluster that filled up meanwhile stops further growth, it does not evict.
+
+    ``observed_since`` is when the history began (None: it covers everything that matters). A
+    window's verdict needs the whole window observed: until the history spans the scale-down
+    window nothing is removed, until it spans the scale-up window nothing is added. Without this a
+    freshly started operator (an empty history) or one that saw no replica for a while would scale
+    down on its first idle sample, which is exactly what the window is there to prevent.
     """
     up_window = [r.up for r in history if now - r.at <= policy.scale_up_window_s] or [
         history[-1].up if history else current
@@ -139,6 +146,11 @@ def decide(
     ]
     scale_up_to = min(up_window)
     scale_down_to = max(down_window)
+    if observed_since is not None:
+        if now - observed_since < policy.scale_up_window_s:
+            scale_up_to = min(scale_up_to, current)
+        if now - observed_since < policy.scale_down_window_s:
+            scale_down_to = max(scale_down_to, current)
     if scale_up_to > current:
         desired = scale_up_to
     elif scale_down_to < current:

@@ -153,6 +153,7 @@ def crd_manifest() -> dict[str, Any]:
                     },
                     "additionalPrinterColumns": [
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri", "priority": 1},
+                        {"name": "Task", "type": "string", "jsonPath": ".status.plan.task"},
                         {"name": "Slots", "type": "integer", "jsonPath": ".status.plan.numParallel"},
                         {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpusPerReplica"},
                         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},

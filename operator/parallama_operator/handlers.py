@@ -13,12 +13,15 @@ Flow:
   gauges too);
 * ``pod_event`` turns what runtime pods report (OOMKilled, the runtime's termination reason) into
   a host or GPU reserve and a re-plan, or phase Invalid (see ``health``);
-* ``deployment_event`` mirrors the Deployment's readiness into status.
+* ``deployment_event`` mirrors the Deployment's readiness into status;
+* the autoscaler (:mod:`parallama_operator.autoscaler`, one task per operator, started at startup)
+  reads the ready replicas' load of every ModelDeployment with ``spec.autoscaling.enabled`` and sets
+  its ``spec.replicas``, which the reconcile then applies like any other spec change.
 
 Every reconcile of one object holds that object's lock, so the loop, the handlers and pod events
 never interleave their read-plan-apply-patch sequences.
 
-No handler needs a finalizer (no per-object daemon, no on.delete): children are garbage-collected
+No handler needs a finalizer (no per-object daemon or timer, no on.delete): children are garbage-collected
 through their ownerReferences, so ``kubectl delete`` never waits for the operator. A failed reconcile
 is not retried by kopf (whose retry is tied to the spec diff it started from, so a spec reverted
 during a retry would be dropped) but by ``replan_loop``, which re-reads the current object each time.
@@ -145,6 +148,16 @@ class OperatorState:
     server normalises (``1.5Gi`` -> ``1536Mi``) then still count as unchanged."""
     node_index: Any = None
     loop_task: asyncio.Task[None] | None = None
+    autoscale_seconds: float = 15.0
+    """Period of the autoscaler (``PARALLAMA_AUTOSCALE_INTERVAL_SECONDS``)."""
+    scrape_timeout_seconds: float = 2.0
+    """How long one replica's /metrics may take (``PARALLAMA_AUTOSCALE_SCRAPE_TIMEOUT_SECONDS``)."""
+    autoscaled: set[Key] = field(default_factory=set)
+    """ModelDeployments whose spec.autoscaling.enabled is true (from the watch)."""
+    autoscaling: dict[Key, Any] = field(default_factory=dict)
+    """The autoscaler's memory per ModelDeployment (``autoscaler.Memory``): recent recommendations,
+    replicas failing to report. In memory only: a restarted operator starts a fresh window."""
+    autoscale_task: asyncio.Task[None] | None = None
 
     inventory_changed: asyncio.Event = field(default_factory=asyncio.Event)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -183,6 +196,8 @@ class OperatorState:
     def forget(self, key: Key) -> None:
         self.known.discard(key)
         self.retries.pop(key, None)
+        self.autoscaled.discard(key)
+        self.autoscaling.pop(key, None)
         prefix = f"/namespaces/{key[0]}/"
         suffix = f"/{key[1]}"
         for path in [p for p in self.applied_shapes if prefix in p and p.endswith(suffix)]:
@@ -282,17 +297,23 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         resync_seconds=_env_float("PARALLAMA_RESYNC_SECONDS", 300.0),
         retry_seconds=_env_float("PARALLAMA_RETRY_SECONDS", 10.0),
         url_allow=parse_url_allowlist(os.environ.get("PARALLAMA_MODEL_URL_ALLOW")),
+        autoscale_seconds=max(_env_float("PARALLAMA_AUTOSCALE_INTERVAL_SECONDS", 15.0), 0.1),
+        scrape_timeout_seconds=max(_env_float("PARALLAMA_AUTOSCALE_SCRAPE_TIMEOUT_SECONDS", 2.0), 0.1),
     )
     STATE.loop_task = asyncio.create_task(replan_loop(STATE), name="parallama-replan-loop")
+    from .autoscaler import autoscale_loop  # it builds on this module's helpers
+
+    STATE.autoscale_task = asyncio.create_task(autoscale_loop(STATE), name="parallama-autoscaler")
 
 
 @kopf.on.cleanup()
 async def close_client(**_: Any) -> None:
-    if STATE.loop_task is not None:
-        STATE.loop_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await STATE.loop_task
-        STATE.loop_task = None
+    for task in (STATE.loop_task, STATE.autoscale_task):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    STATE.loop_task = STATE.autoscale_task = None
     if STATE.client is not None:
         await STATE.client.close()
 
@@ -811,7 +832,8 @@ async def _reconcile_or_retry(body: Mapping[str, Any], nodes: list[dict[str, Any
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def model_deployment_event(type: str, name: str, namespace: str | None, **kwargs: Any) -> None:
-    """Track the ModelDeployments the loop re-plans; a deleted one loses its retries and gauges."""
+    """Track the ModelDeployments the loop re-plans and those the autoscaler reads; a deleted one
+    loses its retries, its autoscaling memory and its gauges."""
     STATE.node_index = kwargs["gpu_nodes"]
     key = (namespace or "default", name)
     if type == "DELETED":
@@ -819,6 +841,11 @@ async def model_deployment_event(type: str, name: str, namespace: str | None, **
         metrics.forget(*key)
     else:
         STATE.known.add(key)
+        autoscaling = (kwargs.get("spec") or {}).get("autoscaling") or {}
+        if autoscaling.get("enabled") is True:
+            STATE.autoscaled.add(key)
+        else:
+            STATE.autoscaled.discard(key)  # the autoscaler clears what it wrote on its next round
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Operator metrics (prefix ``parallama_operator_``), served by prometheus-client from ``main.run``.
 
 They answer the operator's own questions: is it reconciling, how long does it take, which plans
-does it make, and how often does reality (OOM kills) contradict a plan.
+does it make, how often does reality (OOM kills) contradict a plan, and what the autoscaler saw,
+wanted and was held back by.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import contextlib
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AUTOSCALING_DESIRED",
+    "AUTOSCALING_LIMITED",
+    "AUTOSCALING_OBSERVED",
+    "AUTOSCALING_REPLICAS",
+    "AUTOSCALING_SCALES",
+    "AUTOSCALING_SCRAPE_FAILURES",
     "OOM_KILLS",
     "PLANNED_GPUS",
     "PLANNED_SLOTS",
@@ -20,6 +27,7 @@ __all__ = [
     "REPLANS",
     "RUNTIME_FAILURES",
     "forget",
+    "forget_autoscaling",
 ]
 
 RECONCILES = Counter(
@@ -49,9 +57,54 @@ PLANNED_GPUS = Gauge(
     ["namespace", "name"],
 )
 
+AUTOSCALING_DESIRED = Gauge(
+    "parallama_operator_autoscaling_desired_replicas",
+    "Replicas the observed load asks for (stabilised, before maxReplicas and capacity).",
+    ["namespace", "name"],
+)
+AUTOSCALING_REPLICAS = Gauge(
+    "parallama_operator_autoscaling_replicas",
+    "Replicas the autoscaler set (spec.replicas).",
+    ["namespace", "name"],
+)
+LIMITS = ("max", "capacity")
+AUTOSCALING_LIMITED = Gauge(
+    "parallama_operator_autoscaling_limited",
+    "1 while the autoscaler is held below the desired replicas, by reason (max or capacity).",
+    ["namespace", "name", "reason"],
+)
+SIGNALS = ("busy", "queued", "slots", "reporting", "missing")
+AUTOSCALING_OBSERVED = Gauge(
+    "parallama_operator_autoscaling_observed",
+    "What the last scrape of the ready replicas said, by signal: busy slots, queued requests, slots"
+    " of the reporting replicas, reporting and missing replicas.",
+    ["namespace", "name", "signal"],
+)
+AUTOSCALING_SCALES = Counter(
+    "parallama_operator_autoscaling_scales_total", "Replica changes the autoscaler made.", ["direction"]
+)
+AUTOSCALING_SCRAPE_FAILURES = Counter(
+    "parallama_operator_autoscaling_scrape_failures_total",
+    "Reads of a ready replica's /metrics that failed (the replica counted as missing).",
+)
+
+
+def forget_autoscaling(namespace: str, name: str) -> None:
+    """Drop the autoscaling series of a ModelDeployment that stopped autoscaling or was deleted."""
+    for gauge in (AUTOSCALING_DESIRED, AUTOSCALING_REPLICAS):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, name)
+    for reason in LIMITS:
+        with contextlib.suppress(KeyError):
+            AUTOSCALING_LIMITED.remove(namespace, name, reason)
+    for signal in SIGNALS:
+        with contextlib.suppress(KeyError):
+            AUTOSCALING_OBSERVED.remove(namespace, name, signal)
+
 
 def forget(namespace: str, name: str) -> None:
     """Drop the per-object series of a deleted ModelDeployment (a gauge would report it forever)."""
     for gauge in (PLANNED_SLOTS, PLANNED_GPUS):
         with contextlib.suppress(KeyError):  # never planned by this process
             gauge.remove(namespace, name)
+    forget_autoscaling(namespace, name)

@@ -190,16 +190,21 @@ def user_sets_memory(spec: ModelDeploymentSpec) -> bool:
 def host_bytes(model: ModelInfo, plan: Plan) -> int:
     """Host memory one replica needs (MemoryEstimate's host side): a GPU replica keeps the token
     embeddings in host memory (every layer is offloaded), plus the runtime process; a CPU replica
-    holds the whole plan (weights, KV, compute and the process's overhead) in host memory."""
+    holds the whole plan (weights, KV, compute and the process's overhead) in host memory.
+
+    The allowance covers a generative context's output buffer (a row of logits per sequence id: a
+    few MiB); an embedding model's holds every token of a batch, ``num_ctx`` rows of logits and
+    vectors (a GiB for a 150k vocabulary at 2048 tokens), so its plan's buffer is added."""
     if plan.gpus_per_replica == 0:
         return plan.memory.total_bytes
-    return model.embedding_bytes + GPU_RUNTIME_HOST_BYTES
+    outputs = plan.output_buffer_bytes if plan.task == "embed" else 0
+    return model.embedding_bytes + GPU_RUNTIME_HOST_BYTES + outputs
 
 
 def reserve_key(spec: ModelDeploymentSpec) -> str:
-    """Digest of what a learned reserve is about: the spec without replicas, Service and monitoring.
-    A reserve learned under another key is dropped (see :func:`reserves_for`)."""
-    essence = spec.model_dump(mode="json", exclude={"replicas", "service", "monitoring"})
+    """Digest of what a learned reserve is about: the spec without replicas, autoscaling, Service
+    and monitoring. A reserve learned under another key is dropped (see :func:`reserves_for`)."""
+    essence = spec.model_dump(mode="json", exclude={"replicas", "autoscaling", "service", "monitoring"})
     return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -219,6 +224,8 @@ def plan_status(plan: Plan, spec: ModelDeploymentSpec, *, host: int = 0, host_re
     memory_limit = host + host_reserve if host and plan.fits and not user_sets_memory(spec) else 0
     return PlanStatus(
         fits=plan.fits,
+        task=plan.task,
+        pooling=plan.pooling,
         num_parallel=plan.num_parallel,
         num_ctx=plan.num_ctx,
         gpus_per_replica=plan.gpus_per_replica,
@@ -239,6 +246,7 @@ def plan_status(plan: Plan, spec: ModelDeploymentSpec, *, host: int = 0, host_re
             total_bytes=mem.total_bytes,
             capacity_bytes=mem.capacity_bytes,
             host_bytes=host,
+            output_bytes=plan.output_buffer_bytes,
         ),
         host_memory_bytes=memory_limit,
         shortfall_bytes=plan.shortfall_bytes,

@@ -2,9 +2,11 @@
 
 Every rule names a call the operator makes, so removing a rule here must remove the call:
 
-* its own resource: watch, read, and patch (kopf's progress annotations) plus the status subresource;
+* its own resource: watch, read, and patch (kopf's progress annotations, the autoscaler's
+  ``spec.replicas``) plus the status subresource;
 * the children it applies: Deployments, Services, PodDisruptionBudgets, ServiceMonitors;
-* Nodes (the GPU inventory) and Pods (OOM kills, slots) are only watched;
+* Nodes (the GPU inventory) and Pods (OOM kills, slots) are only watched, and a ModelDeployment's
+  pods listed by the autoscaler (its ready replicas, whose /metrics it reads);
 * core/v1 Events are created by kopf (``kopf.info``/``kopf.warn``), never updated;
 * CustomResourceDefinitions are listed and watched by kopf's resource scanning (it notices CRDs
   that appear later, e.g. the ServiceMonitor CRD) and read by the ServiceMonitor availability check;

@@ -115,6 +115,11 @@ class ModelMetadata(_Camel):
         "then holds one latent row per token; without it llama.cpp caches full per-head K and V.",
     )
     value_length_mla: int | None = Field(default=None, gt=0)
+    pooling_type: Literal["none", "mean", "cls", "last"] | None = Field(
+        default=None,
+        description="The GGUF's pooling_type: mean, cls or last make an embedding model (the runtime "
+        "then serves embeddings only; a slot embeds one input); none or absent, a generative one.",
+    )
     gguf: dict[str, Any] | None = Field(
         default=None,
         description="Further GGUF key/values llama.cpp reads, without the architecture prefix "
@@ -179,6 +184,11 @@ class ModelSource(_Camel):
 class Engine(StrEnum):
     PARALLAMA = "parallama"
     OLLAMA = "ollama"
+
+
+AUTOSCALING_ENGINE_MESSAGE = (
+    "autoscaling reads the slot metrics of the parallama runtime; the ollama engine exports none"
+)
 
 
 class Profile(StrEnum):
@@ -278,6 +288,60 @@ class Storage(_Camel):
         return self
 
 
+class Autoscaling(_Camel):
+    """Replicas from the runtimes' own slot load, as far as the cluster's free GPUs allow. Off by
+    default: spec.replicas then belongs to the user, or to an HPA or KEDA driving the scale
+    subresource, and the operator never writes it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _cel(
+                "!self.enabled || has(self.maxReplicas)",
+                "autoscaling.maxReplicas is required when autoscaling is enabled",
+                field_path=".maxReplicas",
+            ),
+            _cel(
+                "!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+                "autoscaling.minReplicas must not exceed maxReplicas",
+                field_path=".minReplicas",
+            ),
+            _cel(
+                "self.targetUtilization > 0.0 && self.targetUtilization <= 1.0",
+                "autoscaling.targetUtilization must lie in (0, 1]",
+                field_path=".targetUtilization",
+            ),
+        )
+    )
+
+    enabled: bool = False
+    min_replicas: int = Field(default=1, ge=1, le=1000)
+    max_replicas: int | None = Field(default=None, ge=1, le=1000)
+    target_utilization: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="Share of every replica's slots the autoscaler aims to keep busy (queued requests"
+        " count as load).",
+    )
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600, description="A higher load must last this long before replicas are added."
+    )
+    scale_down_stabilization_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        description="A lower load must last this long before replicas are removed.",
+    )
+
+    @model_validator(mode="after")
+    def _mirror_cel(self) -> Autoscaling:
+        if self.enabled and self.max_replicas is None:
+            raise ValueError("autoscaling.maxReplicas is required when autoscaling is enabled")
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError("autoscaling.minReplicas must not exceed maxReplicas")
+        return self
+
+
 class ModelDeploymentSpec(_Camel):
     model_config = ConfigDict(
         json_schema_extra=_validations(
@@ -295,6 +359,11 @@ class ModelDeploymentSpec(_Camel):
                 "!has(self.storage.claimName) || !self.model.uri.startsWith('pvc://')",
                 "storage is for downloaded models; a pvc:// model is mounted from its own claim",
                 field_path=".storage.claimName",
+            ),
+            _cel(
+                "!self.autoscaling.enabled || self.engine == 'parallama'",
+                AUTOSCALING_ENGINE_MESSAGE,
+                field_path=".autoscaling.enabled",
             ),
         )
     )
@@ -324,6 +393,7 @@ class ModelDeploymentSpec(_Camel):
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     monitoring: Monitoring = Field(default_factory=Monitoring)
     storage: Storage = Field(default_factory=Storage)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
     @model_validator(mode="after")
     def _mirror_cel(self) -> ModelDeploymentSpec:
@@ -333,6 +403,8 @@ class ModelDeploymentSpec(_Camel):
             )
         if self.storage.claim_name and self.model.uri.startswith("pvc://"):
             raise ValueError("storage is for downloaded models; a pvc:// model is mounted from its own claim")
+        if self.autoscaling.enabled and self.engine != Engine.PARALLAMA:
+            raise ValueError(AUTOSCALING_ENGINE_MESSAGE)
         return self
 
 
@@ -365,12 +437,24 @@ class MemoryStatus(_Camel):
     capacity_bytes: int = 0
     host_bytes: int = Field(
         default=0,
-        description="Host memory one replica needs: embeddings (all of a CPU replica), the runtime process.",
+        description="Host memory one replica needs: embeddings (all of a CPU replica), the runtime process, "
+        "and an embedding model's output buffer.",
+    )
+    output_bytes: int = Field(
+        default=0,
+        description="llama.cpp's output buffer: logits (and an embedding model's vectors) of every output "
+        "row; host memory beside GPUs. An embedding model outputs every token of a batch of numCtx tokens.",
     )
 
 
 class PlanStatus(_Camel):
     fits: bool
+    task: Literal["generate", "embed"] = Field(
+        default="generate",
+        description="What the runtime serves: embed for a model that pools (an embedding model: a slot "
+        "embeds one input of up to numCtx tokens), generate otherwise.",
+    )
+    pooling: str | None = Field(default=None, description="An embedding model's pooling: mean, cls or last.")
     num_parallel: int
     num_ctx: int
     gpus_per_replica: int
@@ -410,6 +494,43 @@ class Condition(_Camel):
     observed_generation: int | None = None
 
 
+class ObservedLoad(_Camel):
+    """The last scrape of the ready replicas' /metrics."""
+
+    busy: int = Field(default=0, description="Slots busy, summed over the replicas that reported.")
+    queued: int = Field(default=0, description="Requests waiting for a slot, summed likewise.")
+    slots_per_replica: int = 0
+    reporting: int = Field(default=0, description="Ready replicas whose /metrics were read.")
+    missing: int = Field(
+        default=0,
+        description="Ready replicas whose /metrics could not be read: idle for a scale-up, fully busy "
+        "for a scale-down.",
+    )
+
+
+class AutoscalingStatus(_Camel):
+    observed: ObservedLoad = Field(default_factory=ObservedLoad)
+    desired: int = Field(
+        description="Replicas the load asks for after stabilisation, before maxReplicas and capacity."
+    )
+    current: int = Field(description="Replicas the autoscaler set (spec.replicas).")
+    limited_by: Literal["", "max", "capacity"] = Field(
+        default="", description="What held the replicas below desired: maxReplicas or the cluster's capacity."
+    )
+    capacity: int | None = Field(
+        default=None,
+        description="Replicas the GPU class the deployment runs on can host in all (its own replicas"
+        " counted).",
+    )
+    closest_node: str | None = Field(
+        default=None,
+        description="When limited by capacity: the node shape that came closest to another replica.",
+    )
+    shortfall_bytes: int = Field(default=0, description="What that node shape lacks for another replica.")
+    message: str = ""
+    last_scale_time: str | None = None
+
+
 class ModelDeploymentStatus(_Camel):
     phase: Phase = Phase.PENDING
     observed_generation: int | None = None
@@ -442,3 +563,6 @@ class ModelDeploymentStatus(_Camel):
         default_factory=list, description="Signatures of the OOM kills and slot shortfalls already acted on."
     )
     conditions: list[Condition] = Field(default_factory=list)
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="What the autoscaler saw and did (spec.autoscaling.enabled)."
+    )

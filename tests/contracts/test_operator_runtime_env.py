@@ -116,3 +116,36 @@ def test_runtime_runs_what_the_operator_planned(preset: str, fields: dict[str, A
     assert (
         own.kv_cells_per_slot == plan.kv_cells_per_slot and own.swa_cells_per_slot == plan.swa_cells_per_slot
     )
+
+
+def test_an_embedding_runtime_creates_the_context_the_operator_planned() -> None:
+    """An embedding model: the pod gets the same env as any model, and the runtime's embedding
+    context (one id per slot, a batch of a whole input rounded to the slots) is the one the plan
+    counted, so the memory it plans for itself is the operator's, device by device."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from parallama_runtime.engine.embedding import embedding_context_params
+
+    metadata = {k: v for k, v in PRESETS["qwen3-embedding-0.6b"].items() if k != "name"}
+    spec = ModelDeploymentSpec.model_validate(
+        {"model": {"uri": "https://models.example/embed.gguf", "metadata": metadata}, "numCtx": 1001}
+    )
+    model = model_info_from_metadata(metadata)
+    plan = make_plan(model, [L20x8], plan_request(spec))
+    assert plan.fits and plan.task == "embed" and plan.num_parallel == 4
+    container = build_deployment(OWNER, spec, plan_status(plan, spec))["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    settings = runtime_settings(container)
+    assert (settings.parallel, settings.num_ctx) == (plan.num_parallel, plan.num_ctx)
+
+    engine = serve.Server(settings).engine_config(Path(settings.model or ""), settings.parallel or 0)
+    params = embedding_context_params(llama_cpp, engine, 2)
+    planned = estimate_memory(model, replace(engine.memory_config, tensor_split=(1.0,)))
+    assert planned.config.embeddings is True
+    assert params.embeddings and params.kv_unified
+    assert params.n_seq_max == planned.n_seq_max == plan.n_seq_max == plan.num_parallel
+    assert params.n_ctx == plan.num_ctx * plan.num_parallel
+    assert params.n_batch == params.n_ubatch == planned.config.n_ubatch == 1004  # rounded to the 4 slots
+    planned_devices = [(d.device, d.kv_cache_bytes, d.compute_bytes) for d in planned.devices]
+    assert planned_devices == [(d.device, d.kv_cache_bytes, d.compute_bytes) for d in plan.devices]
+    assert planned.output_buffer_bytes == plan.output_buffer_bytes

@@ -239,9 +239,11 @@ async def kubelet_reports(
     ready: bool = True,
     oom_killed: bool = False,
     terminated_message: str | None = None,
+    pod_ip: str = "10.244.0.10",
 ) -> dict[str, Any]:
     """Write a pod's status as its kubelet would: Running (and Ready), or its container terminated by
-    the OOM killer and waiting in CrashLoopBackOff."""
+    the OOM killer and waiting in CrashLoopBackOff. ``pod_ip`` may be a loopback address a test
+    serves on (the autoscaler reads ``http://<podIP>:<port>/metrics``)."""
     path = f"/api/v1/namespaces/{namespace}/pods/{pod}"
     body = await kube.get(path) or {}
     now = "2024-01-01T00:00:00Z"
@@ -283,7 +285,7 @@ async def kubelet_reports(
     status = {
         "phase": "Running",
         "startTime": now,
-        "podIP": "10.244.0.10",
+        "podIP": pod_ip,
         "hostIP": "10.0.0.10",
         "conditions": [
             {"type": "PodScheduled", "status": "True"},

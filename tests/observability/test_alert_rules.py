@@ -51,6 +51,10 @@ def test_promtool_test_can_fail(tmp_path: Path) -> None:
         "kv threshold": ("parallama_kv_cache_usage_ratio) > 0.9", "parallama_kv_cache_usage_ratio) > 0.5"),
         "no for on runtime down": ("for: 2m", "for: 0m"),
         "drift margin": ("> 1.10 *", "> 1.30 *"),
+        "any limit, not capacity": (
+            'limited{reason="capacity"}) == 1',
+            'limited{reason=~"capacity|max"}) == 1',
+        ),
     }
     text = RULES.read_text()
     for name, (old, new) in mutants.items():

@@ -67,7 +67,9 @@ def test_identity_subresources_and_columns() -> None:
     assert version["subresources"]["scale"]["specReplicasPath"] == ".spec.replicas"
     assert version["subresources"]["scale"]["statusReplicasPath"] == ".status.replicas"
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Model", "Slots", "GPUs", "Ready", "Phase", "Age"]
+    assert columns == ["Model", "Task", "Slots", "GPUs", "Ready", "Phase", "Age"]
+    task = next(c for c in version["additionalPrinterColumns"] if c["name"] == "Task")
+    assert task["jsonPath"] == ".status.plan.task"
 
 
 def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -125,6 +127,7 @@ VALID = [
         "model": {"uri": "https://x/m.gguf"},
         "storage": {"volume": "persistentVolumeClaim", "claimName": "cache"},
     },
+    {"model": {"uri": "pvc://models/embed/m.gguf", "metadata": {**METADATA, "poolingType": "mean"}}},
 ]
 
 INVALID = [
@@ -154,6 +157,10 @@ INVALID = [
     ({"model": {"uri": "https://x/m.gguf"}, "kvCacheType": "q2"}, "kvCacheType"),
     ({"model": {"uri": "https://x/m.gguf", "sha256": "xyz"}}, "sha256"),
     ({"model": {"uri": "http://models.local/m.gguf"}}, "http:// model needs model.sha256"),
+    (
+        {"model": {"uri": "pvc://models/m.gguf", "metadata": {**METADATA, "poolingType": "avg"}}},
+        "poolingType",
+    ),
 ]
 
 

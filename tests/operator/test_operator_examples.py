@@ -7,7 +7,13 @@ from typing import Any
 
 import yaml
 from harness import gfd_node
-from parallama_operator.planning import compute_plan, model_from_metadata
+from parallama_operator.planning import (
+    GPU_RUNTIME_HOST_BYTES,
+    compute_plan,
+    host_bytes,
+    model_from_metadata,
+    plan_status,
+)
 from parallama_operator.resources import ModelDeploymentSpec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -71,3 +77,20 @@ def test_deepseek_q2_spans_eight_l20s() -> None:
     assert auto.fits and 6 <= auto.gpus_per_replica < 8
     # and without the 8-GPU node it cannot run at all
     assert not plan(spec, NODES[:1]).fits
+
+
+def test_embedding_model_plans_an_embedding_context_on_the_small_gpu() -> None:
+    spec = load("embeddings-qwen3-0.6b-l4.yaml")
+    model = model_from_metadata(spec)
+    assert model is not None and (model.task, model.pooling) == ("embed", "last")
+    result = plan(spec)
+    assert result.fits and (result.task, result.pooling) == ("embed", "last")
+    assert (result.gpus_per_replica, result.gpu_product, result.num_parallel) == (1, "NVIDIA-L4", 4)
+    assert result.n_seq_max == 4  # an input per slot, no prompt-cache ids
+    # what the example's comment promises: about 3.7 GiB on the GPU, 1.2 GiB of output buffer
+    assert 3.5 * 1024**3 < result.memory.total_bytes < 3.9 * 1024**3
+    assert result.output_buffer_bytes == 4 * (151669 + 1024) * 2048
+    status = plan_status(result, spec, host=host_bytes(model, result))
+    assert (status.task, status.pooling) == ("embed", "last")
+    assert status.memory.output_bytes == result.output_buffer_bytes
+    assert status.memory.host_bytes >= result.output_buffer_bytes + GPU_RUNTIME_HOST_BYTES
