@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import math
 import string
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,7 +45,7 @@ from parallama_runtime.engine.embedding import (
     normalize,
     shorten,
 )
-from runtime_helpers import SERVED_NAME, scrape, settings_for
+from runtime_helpers import SERVED_NAME, post_json, scrape, settings_for
 
 EMBED = "embed"
 NUM_CTX = 64
@@ -98,17 +95,6 @@ def _ollama(server: serve.BackgroundServer) -> ollama.Client:
 
 def _openai(server: serve.BackgroundServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def _tokens(server: serve.BackgroundServer, text: str) -> list[int]:
@@ -308,7 +294,7 @@ def test_legacy_embeddings_are_the_pooled_vector_unnormalised(embedder: serve.Ba
     assert client.embeddings(model=EMBED, prompt="").embedding == []  # Ollama's load answer
 
     long = "x" * 200
-    status, answer = _post(embedder.url + "/api/embeddings", {"model": EMBED, "prompt": long})
+    status, answer = post_json(embedder.url + "/api/embeddings", {"model": EMBED, "prompt": long})
     assert status == 400 and "prompt" in answer["error"]
 
 
@@ -339,7 +325,7 @@ def test_ollama_empty_inputs(embedder: serve.BackgroundServer) -> None:
 def test_ollama_bad_requests_name_the_field(
     embedder: serve.BackgroundServer, body: dict[str, Any], named: str
 ) -> None:
-    status, answer = _post(embedder.url + "/api/embed", {"model": EMBED, **body})
+    status, answer = post_json(embedder.url + "/api/embed", {"model": EMBED, **body})
     assert status == 400, answer
     assert named in answer["error"]
 
@@ -347,7 +333,7 @@ def test_ollama_bad_requests_name_the_field(
 def test_ollama_load_options_are_noted_and_sampling_options_accepted(
     embedder: serve.BackgroundServer,
 ) -> None:
-    status, answer = _post(
+    status, answer = post_json(
         embedder.url + "/api/embed",
         {"model": EMBED, "input": "x", "options": {"num_ctx": 8192, "temperature": 0.2}, "keep_alive": "5m"},
     )
@@ -423,7 +409,7 @@ def test_openai_token_inputs_and_dimensions(embedder: serve.BackgroundServer) ->
 def test_openai_bad_requests_name_the_field(
     embedder: serve.BackgroundServer, body: dict[str, Any], param: str
 ) -> None:
-    status, answer = _post(embedder.url + "/v1/embeddings", {"model": EMBED, **body})
+    status, answer = post_json(embedder.url + "/v1/embeddings", {"model": EMBED, **body})
     assert status == 400, answer
     assert answer["error"]["param"] == param
     assert answer["error"]["type"] == "invalid_request_error"
@@ -502,7 +488,7 @@ def test_metrics_count_embedding_requests_and_tokens(embedder: serve.BackgroundS
     before = scrape(embedder.url)
     _ollama(embedder).embed(model=EMBED, input=TEXTS[:2])
     _openai(embedder).embeddings.create(model=EMBED, input=TEXTS[:3])
-    _post(embedder.url + "/api/embed", {"model": EMBED, "input": "x", "frobnicate": 1})
+    post_json(embedder.url + "/api/embed", {"model": EMBED, "input": "x", "frobnicate": 1})
     after = scrape(embedder.url)
 
     def delta(name: str) -> float:
@@ -688,7 +674,7 @@ def test_a_failed_decode_fails_its_requests_and_the_next_ones_run(
             return codes.pop() if codes else real(ctx, batch)
 
         engine._decode = decode  # type: ignore[method-assign]
-        status, answer = _post(running.url + "/api/embed", {"model": EMBED, "input": TEXTS})
+        status, answer = post_json(running.url + "/api/embed", {"model": EMBED, "input": TEXTS})
         assert status == 500 and "llama_decode failed (1)" in answer["error"]
         again = _ollama(running).embed(model=EMBED, input=TEXTS)
         assert len(again.embeddings) == len(TEXTS)

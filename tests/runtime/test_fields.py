@@ -3,9 +3,6 @@ API's own error shape, and the fields it implements change what comes back."""
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +18,7 @@ from parallama_runtime.api.fields import (
     RouteFields,
 )
 from parallama_runtime.serve import BackgroundServer
-from runtime_helpers import SERVED_NAME
+from runtime_helpers import SERVED_NAME, post_json
 
 CHAT = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 COMPLETION = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2}
@@ -32,17 +29,6 @@ OLLAMA_CHAT_BODY = {
     "stream": False,
     "options": {"num_predict": 2},
 }
-
-
-def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 # ------------------------------------------------------------------ the tables, without a server
@@ -126,7 +112,7 @@ def test_the_tables_do_not_overlap() -> None:
 def test_unsupported_fields_are_400_in_each_dialect(
     server: BackgroundServer, path: str, body: dict[str, Any], field: str
 ) -> None:
-    status, answer = _post(server.url + path, body)
+    status, answer = post_json(server.url + path, body)
     assert status == 400, answer
     if path.startswith("/v1/"):
         assert answer["error"]["param"] == field
@@ -173,14 +159,14 @@ def test_logit_bias_forces_and_bans_tokens(server: BackgroundServer) -> None:
     [({"x": 1}, "token ids"), ({"99999999": 1}, "lie in"), ({"5": 500}, "[-100, 100]"), ([1], "map")],
 )
 def test_bad_logit_bias_is_400(server: BackgroundServer, bias: Any, words: str) -> None:
-    status, answer = _post(server.url + "/v1/completions", {**COMPLETION, "logit_bias": bias})
+    status, answer = post_json(server.url + "/v1/completions", {**COMPLETION, "logit_bias": bias})
     assert status == 400 and answer["error"]["param"] == "logit_bias"
     assert words in answer["error"]["message"]
 
 
 @pytest.mark.llama
 def test_deployment_options_come_back_as_notes(server: BackgroundServer) -> None:
-    status, answer = _post(
+    status, answer = post_json(
         server.url + "/api/generate", {**OLLAMA_GEN, "options": {"num_predict": 2, "num_gpu": 7}}
     )
     assert status == 200

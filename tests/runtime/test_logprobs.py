@@ -10,10 +10,7 @@ most likely one; the tokens' bytes are the answer's bytes; an entry never arrive
 from __future__ import annotations
 
 import ctypes
-import json
 import math
-import urllib.error
-import urllib.request
 from typing import Any
 
 import numpy as np
@@ -24,7 +21,7 @@ from openai.types.chat import ChatCompletionTokenLogprob
 from parallama_runtime.engine import TokenLogprob
 from parallama_runtime.engine.logprobs import LogprobQueue, token_logprob
 from parallama_runtime.serve import BackgroundServer
-from runtime_helpers import SERVED_NAME
+from runtime_helpers import SERVED_NAME, post_json
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 """OpenAI's defaults have no penalties, so greedy decoding picks the model's most likely token."""
@@ -41,17 +38,6 @@ def oai(server: BackgroundServer) -> openai.OpenAI:
 @pytest.fixture
 def oll(server: BackgroundServer) -> ollama.Client:
     return ollama.Client(host=server.url)
-
-
-def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def _check_position(logprob: float, top: list[tuple[str, float]], count: int, *, greedy: bool) -> None:
@@ -338,7 +324,7 @@ def test_openai_bad_logprobs_are_400(
 ) -> None:
     base: dict[str, Any] = {"model": SERVED_NAME, "max_tokens": 2}
     base.update({"messages": MESSAGES} if "chat" in path else {"prompt": "hi"})
-    status, body = _post(server.url + path, {**base, **extra})
+    status, body = post_json(server.url + path, {**base, **extra})
     assert status == 400
     assert body["error"]["param"] == named and named in body["error"]["message"]
 
@@ -357,5 +343,5 @@ def test_ollama_bad_logprobs_are_400(
 ) -> None:
     base: dict[str, Any] = {"model": SERVED_NAME, "stream": False, "options": {"num_predict": 2}}
     base.update({"messages": MESSAGES} if path == "/api/chat" else {"prompt": "hi"})
-    status, body = _post(server.url + path, {**base, **extra})
+    status, body = post_json(server.url + path, {**base, **extra})
     assert status == 400 and named in body["error"]

@@ -21,8 +21,6 @@ import json
 import math
 import random
 import re
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +48,7 @@ from parallama_runtime.engine.grammar import (
     _utf8_prefix,
     group_nesting,
 )
-from runtime_helpers import SERVED_NAME, settings_for
+from runtime_helpers import SERVED_NAME, post_json, settings_for
 
 SCHEMA: dict[str, Any] = {
     "title": "Thing",
@@ -109,17 +107,6 @@ def oai(structured_server: serve.BackgroundServer) -> openai.OpenAI:
 @pytest.fixture
 def oll(structured_server: serve.BackgroundServer) -> ollama.Client:
     return ollama.Client(host=structured_server.url)
-
-
-def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
 
 
 def _openai_chat(oai: openai.OpenAI, *, stream: bool = False, **request: Any) -> tuple[str, str | None]:
@@ -193,9 +180,10 @@ def test_ollama_chat_format_json(oll: ollama.Client) -> None:
 
 
 def test_ollama_empty_format_is_free_text(structured_server: serve.BackgroundServer) -> None:
-    status, body = _post(
+    status, body = post_json(
         structured_server.url + "/api/generate",
         {"model": SERVED_NAME, "prompt": "hi", "format": "", "stream": False, "options": {"num_predict": 4}},
+        timeout=120,
     )
     assert status == 200 and body["done"]
 
@@ -217,9 +205,10 @@ def test_ollama_unsupported_schema_is_a_400_naming_the_features(oll: ollama.Clie
 
 def test_ollama_invalid_format_is_a_400(structured_server: serve.BackgroundServer) -> None:
     for value in ("xml", 3, ["json"]):
-        status, body = _post(
+        status, body = post_json(
             structured_server.url + "/api/generate",
             {"model": SERVED_NAME, "prompt": "hi", "format": value, "stream": False},
+            timeout=120,
         )
         assert status == 400
         assert "invalid format" in body["error"], body
@@ -369,9 +358,10 @@ def test_openai_unsupported_schema_is_a_400_naming_the_features(oai: openai.Open
 def test_openai_malformed_response_format_is_a_400(
     structured_server: serve.BackgroundServer, value: Any, words: str
 ) -> None:
-    status, body = _post(
+    status, body = post_json(
         structured_server.url + "/v1/chat/completions",
         {"model": SERVED_NAME, "messages": CHAT, "response_format": value, "max_tokens": 4},
+        timeout=120,
     )
     assert status == 400, body
     assert body["error"]["param"] == "response_format"
@@ -380,7 +370,7 @@ def test_openai_malformed_response_format_is_a_400(
 
 def test_llama_cpp_servers_json_object_schema_is_honoured(structured_server: serve.BackgroundServer) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
-    status, body = _post(
+    status, body = post_json(
         structured_server.url + "/v1/chat/completions",
         {
             "model": SERVED_NAME,
@@ -388,6 +378,7 @@ def test_llama_cpp_servers_json_object_schema_is_honoured(structured_server: ser
             "response_format": {"type": "json_object", "schema": schema},
             "max_tokens": 100,
         },
+        timeout=120,
     )
     assert status == 200
     assert body["choices"][0]["finish_reason"] == "stop"
