@@ -38,8 +38,9 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-OLLAMA_VERSION = "0.12.0"
-"""The Ollama API version this surface follows (clients check it for feature support)."""
+OLLAMA_VERSION = "0.12.11"
+"""The Ollama API version this surface follows (clients check it for feature support): 0.12.11 is
+the release that added ``logprobs`` and ``top_logprobs``, the newest feature served here."""
 
 
 MIB = 1024 * 1024
