@@ -27,6 +27,7 @@ from parallama_operator.replica_load import (
     scrape,
 )
 from parallama_operator.resources import ModelDeploymentSpec
+from parallama_runtime.planning.presets import PRESETS
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from support.fake_runtime import FakeRuntimes
 
@@ -225,15 +226,7 @@ def test_observed_since_only_ever_holds_the_current_count(
 
 # ------------------------------------------------------------------------------------ capacity
 
-LLAMA_8B = {
-    "architecture": "llama",
-    "sizeBytes": 4_920_734_720,
-    "blockCount": 32,
-    "embeddingLength": 4096,
-    "headCount": 32,
-    "headCountKv": 8,
-    "contextLength": 131072,
-}
+LLAMA_8B = {k: v for k, v in PRESETS["llama-3.1-8b"].items() if k != "name"}
 
 
 def held_by(name: str, node: str, gpus: int, labels: dict[str, str] | None = None) -> dict[str, Any]:

@@ -9,23 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import ollama
+import openai
 import pytest
 from parallama_runtime import serve
 from parallama_runtime.demo_model import DEMO_SHAPE, write_model
-from runtime_helpers import SERVED_NAME, settings_for
-
-
-def _have_llama() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception:
-        return False
-    return True
+from runtime_helpers import SERVED_NAME, have_llama, settings_for
 
 
 @pytest.fixture(scope="session")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not _have_llama():
+    if not have_llama():
         pytest.skip("llama-cpp-python is not installed")
     return write_model(tmp_path_factory.mktemp("models") / f"{SERVED_NAME}.gguf", DEMO_SHAPE, seed=7)
 
@@ -52,3 +46,15 @@ def make_server(model_path: Path) -> Iterator[Callable[..., serve.BackgroundServ
     yield make
     for running in started:
         running.stop()
+
+
+@pytest.fixture
+def oai(server: serve.BackgroundServer) -> openai.OpenAI:
+    """The official OpenAI client on the shared server."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture
+def oll(server: serve.BackgroundServer) -> ollama.Client:
+    """The official Ollama client on the shared server."""
+    return ollama.Client(host=server.url)

@@ -17,6 +17,15 @@ from parallama_runtime import serve
 SERVED_NAME = "tiny"
 
 
+def have_llama() -> bool:
+    """llama-cpp-python is importable (the suites that need it skip without it)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def settings_for(model: Path, *extra: str, env: dict[str, str] | None = None) -> serve.ServeSettings:
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)

@@ -11,16 +11,6 @@ from runtime_helpers import SERVED_NAME
 pytestmark = pytest.mark.llama
 
 
-@pytest.fixture
-def oai(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture
-def oll(server: BackgroundServer) -> ollama.Client:
-    return ollama.Client(host=server.url)
-
-
 def test_openai_models(oai: openai.OpenAI) -> None:
     assert [m.id for m in oai.models.list().data] == [SERVED_NAME]
 

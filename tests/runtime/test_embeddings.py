@@ -45,7 +45,7 @@ from parallama_runtime.engine.embedding import (
     normalize,
     shorten,
 )
-from runtime_helpers import SERVED_NAME, post_json, scrape, settings_for
+from runtime_helpers import SERVED_NAME, have_llama, post_json, scrape, settings_for
 
 EMBED = "embed"
 NUM_CTX = 64
@@ -56,18 +56,10 @@ CLOSE = 1e-5
 TEXTS = ["the quick brown fox", "jumps over", "the lazy dog", "the quick brown fox", "!"]
 
 
-def _have_llama() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def embedding_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The same weights with pooling mean, last and rank (the demo model's seed 7)."""
-    if not _have_llama():
+    if not have_llama():
         pytest.skip("llama-cpp-python is not installed")
     folder = tmp_path_factory.mktemp("embedding-models")
     return {
@@ -572,7 +564,7 @@ def test_a_non_causal_encoder_embeds_whole_inputs(tmp_path: Path) -> None:
     tokens make a batch of 51 (a multiple of the slots, else llama.cpp aborts at load), and every
     input, up to 50 tokens, is computed whole. The planner does not plan BERT yet, so this runs the
     engine itself rather than a server."""
-    if not _have_llama():
+    if not have_llama():
         pytest.skip("llama-cpp-python is not installed")
     engine = Engine(
         EngineConfig(str(_write_bert(tmp_path / "bert.gguf")), num_parallel=3, num_ctx=50, threads=2)

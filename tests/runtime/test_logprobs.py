@@ -30,16 +30,6 @@ OLLAMA_GREEDY = {"temperature": 0, "repeat_penalty": 1.0, "ignore_eos": True}
 MESSAGES = [{"role": "user", "content": "tell me about logprobs"}]
 
 
-@pytest.fixture
-def oai(server: BackgroundServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-
-
-@pytest.fixture
-def oll(server: BackgroundServer) -> ollama.Client:
-    return ollama.Client(host=server.url)
-
-
 def _check_position(logprob: float, top: list[tuple[str, float]], count: int, *, greedy: bool) -> None:
     """One position: ``count`` alternatives, most likely first, a distribution's share, and (greedy)
     the chosen token's logprob equal to the top-1's."""

@@ -31,11 +31,6 @@ FINAL_FIELDS = (
 )
 
 
-@pytest.fixture
-def oll(server: BackgroundServer) -> ollama.Client:
-    return ollama.Client(host=server.url)
-
-
 def _get(url: str, payload: dict[str, Any] | None = None) -> Any:
     data = json.dumps(payload).encode() if payload is not None else None
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
